@@ -1,0 +1,6 @@
+//! rook-rbd: Ceph RBD block storage for Kubernetes.
+//!
+//! The library holds everything; `src/main.rs` is a thin command-line front end.
+
+pub mod node;
+pub mod secret;

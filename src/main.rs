@@ -1,0 +1,3 @@
+fn main() {
+    println!("rook-rbd {}", env!("CARGO_PKG_VERSION"));
+}

@@ -1,0 +1,1 @@
+//! Node side: mapping images to block devices, filesystems and mounts.
