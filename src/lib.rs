@@ -2,5 +2,7 @@
 //!
 //! The library holds everything; `src/main.rs` is a thin command-line front end.
 
+pub mod ceph;
 pub mod node;
 pub mod secret;
+pub mod volume;

@@ -1,0 +1,389 @@
+//! Safe, blocking wrappers over librbd: image create/clone/remove/list in a pool, and the
+//! per-image operations (resize, snapshots, metadata, watchers, parent and children).
+
+use super::{check, cstr, ffi, owned, CephError, IoCtx, Result};
+use std::ptr;
+
+/// Creation options for `rbd_create4` and `rbd_clone3`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImageOptions {
+    pub features: u64,
+    pub data_pool: Option<String>,
+    pub order: Option<u8>,
+}
+
+struct Options(ffi::rbd_image_options_t);
+
+impl Drop for Options {
+    fn drop(&mut self) {
+        unsafe { ffi::rbd_image_options_destroy(self.0) }
+    }
+}
+
+impl ImageOptions {
+    fn build(&self, op: &'static str, clone: bool) -> Result<Options> {
+        let mut raw = ptr::null_mut();
+        unsafe { ffi::rbd_image_options_create(&mut raw) };
+        let opts = Options(raw);
+        let set_u64 = |k, v| check(op, "image options", unsafe { ffi::rbd_image_options_set_uint64(opts.0, k, v) });
+        if clone {
+            set_u64(ffi::RBD_IMAGE_OPTION_CLONE_FORMAT, 2)?;
+        } else {
+            set_u64(ffi::RBD_IMAGE_OPTION_FORMAT, 2)?;
+        }
+        set_u64(ffi::RBD_IMAGE_OPTION_FEATURES, self.features)?;
+        if let Some(order) = self.order {
+            set_u64(ffi::RBD_IMAGE_OPTION_ORDER, order as u64)?;
+        }
+        if let Some(dp) = &self.data_pool {
+            let v = cstr(op, dp)?;
+            check(op, "data pool", unsafe {
+                ffi::rbd_image_options_set_string(opts.0, ffi::RBD_IMAGE_OPTION_DATA_POOL, v.as_ptr())
+            })?;
+        }
+        Ok(opts)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapInfo {
+    pub id: u64,
+    pub name: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentInfo {
+    pub pool: String,
+    pub image_name: String,
+    pub image_id: String,
+    pub snap_name: String,
+    pub trashed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildInfo {
+    pub pool: String,
+    pub image_name: String,
+    pub image_id: String,
+    pub trashed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrashEntry {
+    pub id: String,
+    pub name: String,
+    pub source: i32,
+}
+
+impl IoCtx {
+    pub fn create_image(&self, name: &str, size: u64, opts: &ImageOptions) -> Result<()> {
+        let n = cstr("rbd_create4", name)?;
+        let o = opts.build("rbd_create4", false)?;
+        check("rbd_create4", &self.target(name), unsafe { ffi::rbd_create4(self.raw, n.as_ptr(), size, o.0) })?;
+        Ok(())
+    }
+
+    /// Clone `parent@snap` (in this pool) into `child` in `child_io` (clone v2: no protect needed).
+    pub fn clone_image(&self, parent: &str, snap: &str, child_io: &IoCtx, child: &str, opts: &ImageOptions) -> Result<()> {
+        let p = cstr("rbd_clone3", parent)?;
+        let s = cstr("rbd_clone3", snap)?;
+        let c = cstr("rbd_clone3", child)?;
+        let o = opts.build("rbd_clone3", true)?;
+        check("rbd_clone3", &child_io.target(child), unsafe {
+            ffi::rbd_clone3(self.raw, p.as_ptr(), s.as_ptr(), child_io.raw, c.as_ptr(), o.0)
+        })?;
+        Ok(())
+    }
+
+    pub fn remove_image(&self, name: &str) -> Result<()> {
+        let n = cstr("rbd_remove", name)?;
+        check("rbd_remove", &self.target(name), unsafe { ffi::rbd_remove(self.raw, n.as_ptr()) })?;
+        Ok(())
+    }
+
+    pub fn open_image(&self, name: &str) -> Result<Image> {
+        let n = cstr("rbd_open", name)?;
+        let mut raw = ptr::null_mut();
+        check("rbd_open", &self.target(name), unsafe { ffi::rbd_open(self.raw, n.as_ptr(), &mut raw, ptr::null()) })?;
+        Ok(Image { raw, name: self.target(name) })
+    }
+
+    /// Opens without registering a watch, so `watchers()` sees only other clients.
+    pub fn open_image_read_only(&self, name: &str) -> Result<Image> {
+        let n = cstr("rbd_open_read_only", name)?;
+        let mut raw = ptr::null_mut();
+        check("rbd_open_read_only", &self.target(name), unsafe {
+            ffi::rbd_open_read_only(self.raw, n.as_ptr(), &mut raw, ptr::null())
+        })?;
+        Ok(Image { raw, name: self.target(name) })
+    }
+
+    pub fn open_image_by_id(&self, id: &str) -> Result<Image> {
+        let n = cstr("rbd_open_by_id", id)?;
+        let mut raw = ptr::null_mut();
+        check("rbd_open_by_id", &self.target(id), unsafe {
+            ffi::rbd_open_by_id(self.raw, n.as_ptr(), &mut raw, ptr::null())
+        })?;
+        Ok(Image { raw, name: self.target(id) })
+    }
+
+    /// All image names in the pool (not the trash).
+    pub fn list_images(&self) -> Result<Vec<String>> {
+        let mut max: usize = 64;
+        loop {
+            let mut specs: Vec<ffi::rbd_image_spec_t> = Vec::with_capacity(max);
+            let mut n = max;
+            let ret = unsafe { ffi::rbd_list2(self.raw, specs.as_mut_ptr(), &mut n) };
+            if ret == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            check("rbd_list2", &self.pool().to_string(), ret)?;
+            unsafe { specs.set_len(n) };
+            let names = specs.iter().map(|s| unsafe { owned(s.name) }).collect();
+            unsafe { ffi::rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
+            return Ok(names);
+        }
+    }
+
+    pub fn trash_move(&self, name: &str) -> Result<()> {
+        let n = cstr("rbd_trash_move", name)?;
+        check("rbd_trash_move", &self.target(name), unsafe { ffi::rbd_trash_move(self.raw, n.as_ptr(), 0) })?;
+        Ok(())
+    }
+
+    pub fn trash_remove(&self, id: &str) -> Result<()> {
+        let n = cstr("rbd_trash_remove", id)?;
+        check("rbd_trash_remove", &self.target(id), unsafe { ffi::rbd_trash_remove(self.raw, n.as_ptr(), true) })?;
+        Ok(())
+    }
+
+    pub fn trash_list(&self) -> Result<Vec<TrashEntry>> {
+        let mut max: usize = 32;
+        loop {
+            let mut entries: Vec<ffi::rbd_trash_image_info_t> = Vec::with_capacity(max);
+            let mut n = max;
+            let ret = unsafe { ffi::rbd_trash_list(self.raw, entries.as_mut_ptr(), &mut n) };
+            if ret == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            let count = check("rbd_trash_list", &self.pool().to_string(), ret)? as usize;
+            unsafe { entries.set_len(count) };
+            let out = entries
+                .iter()
+                .map(|e| TrashEntry { id: unsafe { owned(e.id) }, name: unsafe { owned(e.name) }, source: e.source })
+                .collect();
+            unsafe { ffi::rbd_trash_list_cleanup(entries.as_mut_ptr(), count) };
+            return Ok(out);
+        }
+    }
+
+    pub fn pool_stat(&self) -> Result<ffi::rados_pool_stat_t> {
+        let mut st = ffi::rados_pool_stat_t::default();
+        check("rados_ioctx_pool_stat", self.pool(), unsafe { ffi::rados_ioctx_pool_stat(self.raw, &mut st) })?;
+        Ok(st)
+    }
+}
+
+/// An open image. Closed on drop.
+pub struct Image {
+    raw: ffi::rbd_image_t,
+    name: String,
+}
+
+unsafe impl Send for Image {}
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        unsafe { ffi::rbd_close(self.raw) };
+    }
+}
+
+impl Image {
+    fn err(&self, op: &'static str, ret: i32) -> CephError {
+        CephError::new(op, self.name.clone(), ret)
+    }
+
+    fn check(&self, op: &'static str, ret: i32) -> Result<i32> {
+        if ret < 0 {
+            Err(self.err(op, ret))
+        } else {
+            Ok(ret)
+        }
+    }
+
+    pub fn size(&self) -> Result<u64> {
+        let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
+        self.check("rbd_stat", unsafe { ffi::rbd_stat(self.raw, &mut info, std::mem::size_of::<ffi::rbd_image_info_t>()) })?;
+        Ok(info.size)
+    }
+
+    pub fn id(&self) -> Result<String> {
+        let mut buf = [0 as libc::c_char; 64];
+        self.check("rbd_get_id", unsafe { ffi::rbd_get_id(self.raw, buf.as_mut_ptr(), buf.len()) })?;
+        Ok(unsafe { owned(buf.as_ptr()) })
+    }
+
+    pub fn features(&self) -> Result<u64> {
+        let mut f = 0u64;
+        self.check("rbd_get_features", unsafe { ffi::rbd_get_features(self.raw, &mut f) })?;
+        Ok(f)
+    }
+
+    pub fn resize(&self, size: u64) -> Result<()> {
+        self.check("rbd_resize", unsafe { ffi::rbd_resize(self.raw, size) }).map(|_| ())
+    }
+
+    pub fn flatten(&self) -> Result<()> {
+        self.check("rbd_flatten", unsafe { ffi::rbd_flatten(self.raw) }).map(|_| ())
+    }
+
+    pub fn snap_create(&self, snap: &str) -> Result<()> {
+        let s = cstr("rbd_snap_create", snap)?;
+        self.check("rbd_snap_create", unsafe { ffi::rbd_snap_create(self.raw, s.as_ptr()) }).map(|_| ())
+    }
+
+    /// Removes a snapshot. With clone v2, a snapshot that still has clones moves to the trash
+    /// namespace and disappears by itself when its last clone goes.
+    pub fn snap_remove(&self, snap: &str) -> Result<()> {
+        let s = cstr("rbd_snap_remove", snap)?;
+        self.check("rbd_snap_remove", unsafe { ffi::rbd_snap_remove(self.raw, s.as_ptr()) }).map(|_| ())
+    }
+
+    /// User-namespace snapshots.
+    pub fn snaps(&self) -> Result<Vec<SnapInfo>> {
+        let mut max: libc::c_int = 16;
+        loop {
+            let mut v: Vec<ffi::rbd_snap_info_t> = Vec::with_capacity(max as usize + 1);
+            let mut n = max;
+            let ret = unsafe { ffi::rbd_snap_list(self.raw, v.as_mut_ptr(), &mut n) };
+            if ret == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            let count = self.check("rbd_snap_list", ret)? as usize;
+            unsafe { v.set_len(count) };
+            let out = v
+                .iter()
+                .map(|s| SnapInfo { id: s.id, size: s.size, name: unsafe { owned(s.name) } })
+                .collect();
+            unsafe { ffi::rbd_snap_list_end(v.as_mut_ptr()) };
+            return Ok(out);
+        }
+    }
+
+    pub fn snap_timestamp(&self, snap_id: u64) -> Result<(i64, i32)> {
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        self.check("rbd_snap_get_timestamp", unsafe { ffi::rbd_snap_get_timestamp(self.raw, snap_id, &mut ts) })?;
+        Ok((ts.tv_sec, ts.tv_nsec as i32))
+    }
+
+    pub fn parent(&self) -> Result<Option<ParentInfo>> {
+        let mut img: ffi::rbd_linked_image_spec_t = unsafe { std::mem::zeroed() };
+        let mut snap: ffi::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
+        let ret = unsafe { ffi::rbd_get_parent(self.raw, &mut img, &mut snap) };
+        if ret == -libc::ENOENT {
+            return Ok(None);
+        }
+        self.check("rbd_get_parent", ret)?;
+        let info = unsafe {
+            ParentInfo {
+                pool: owned(img.pool_name),
+                image_name: owned(img.image_name),
+                image_id: owned(img.image_id),
+                snap_name: owned(snap.name),
+                trashed: img.trash,
+            }
+        };
+        unsafe {
+            ffi::rbd_linked_image_spec_cleanup(&mut img);
+            ffi::rbd_snap_spec_cleanup(&mut snap);
+        }
+        Ok(Some(info))
+    }
+
+    /// Clones of any of this image's snapshots, trashed ones included.
+    pub fn children(&self) -> Result<Vec<ChildInfo>> {
+        let mut max: usize = 16;
+        loop {
+            let mut v: Vec<ffi::rbd_linked_image_spec_t> = Vec::with_capacity(max);
+            let mut n = max;
+            let ret = unsafe { ffi::rbd_list_children3(self.raw, v.as_mut_ptr(), &mut n) };
+            if ret == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            self.check("rbd_list_children3", ret)?;
+            unsafe { v.set_len(n) };
+            let out = v
+                .iter()
+                .map(|c| unsafe {
+                    ChildInfo {
+                        pool: owned(c.pool_name),
+                        image_name: owned(c.image_name),
+                        image_id: owned(c.image_id),
+                        trashed: c.trash,
+                    }
+                })
+                .collect();
+            unsafe { ffi::rbd_linked_image_spec_list_cleanup(v.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+
+    pub fn metadata_get(&self, key: &str) -> Result<Option<String>> {
+        let k = cstr("rbd_metadata_get", key)?;
+        let mut len: usize = 512;
+        loop {
+            let mut buf = vec![0u8; len];
+            let mut n = len;
+            let ret = unsafe { ffi::rbd_metadata_get(self.raw, k.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, &mut n) };
+            match ret {
+                r if r == -libc::ENOENT => return Ok(None),
+                r if r == -libc::ERANGE => {
+                    len = n.max(len * 2);
+                    continue;
+                }
+                r => self.check("rbd_metadata_get", r)?,
+            };
+            // `n` counts the terminating NUL.
+            buf.truncate(n.saturating_sub(1));
+            return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
+        }
+    }
+
+    pub fn metadata_set(&self, key: &str, value: &str) -> Result<()> {
+        let k = cstr("rbd_metadata_set", key)?;
+        let v = cstr("rbd_metadata_set", value)?;
+        self.check("rbd_metadata_set", unsafe { ffi::rbd_metadata_set(self.raw, k.as_ptr(), v.as_ptr()) }).map(|_| ())
+    }
+
+    pub fn metadata_remove(&self, key: &str) -> Result<()> {
+        let k = cstr("rbd_metadata_remove", key)?;
+        match unsafe { ffi::rbd_metadata_remove(self.raw, k.as_ptr()) } {
+            r if r == -libc::ENOENT => Ok(()),
+            r => self.check("rbd_metadata_remove", r).map(|_| ()),
+        }
+    }
+
+    /// Addresses of clients watching the image's header (a mapped image has at least one).
+    pub fn watchers(&self) -> Result<Vec<String>> {
+        let mut max: usize = 8;
+        loop {
+            let mut v: Vec<ffi::rbd_image_watcher_t> = Vec::with_capacity(max);
+            let mut n = max;
+            let ret = unsafe { ffi::rbd_watchers_list(self.raw, v.as_mut_ptr(), &mut n) };
+            if ret == -libc::ERANGE {
+                max = n.max(max * 2);
+                continue;
+            }
+            self.check("rbd_watchers_list", ret)?;
+            unsafe { v.set_len(n) };
+            let out = v.iter().map(|w| unsafe { owned(w.addr) }).collect();
+            unsafe { ffi::rbd_watchers_list_cleanup(v.as_mut_ptr(), n) };
+            return Ok(out);
+        }
+    }
+}

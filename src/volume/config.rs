@@ -1,0 +1,73 @@
+//! The cluster configuration file, in ceph-csi's format:
+//! `[{"clusterID": "...", "monitors": ["host:port", ...]}]`.
+
+use serde::Deserialize;
+use std::collections::HashMap;
+use std::path::Path;
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+pub struct ClusterEntry {
+    #[serde(rename = "clusterID")]
+    pub cluster_id: String,
+    pub monitors: Vec<String>,
+    /// Where nodes register themselves so ControllerPublish can tell a real node from a typo.
+    /// Not in ceph-csi's format; defaults to the pool `rbd`.
+    #[serde(rename = "registryPool", default)]
+    pub registry_pool: Option<String>,
+}
+
+impl ClusterEntry {
+    pub fn registry_pool(&self) -> &str {
+        self.registry_pool.as_deref().unwrap_or("rbd")
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterConfig {
+    clusters: HashMap<String, ClusterEntry>,
+}
+
+impl ClusterConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading cluster config {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| anyhow::anyhow!("cluster config {}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        let list: Vec<ClusterEntry> = serde_json::from_str(text)?;
+        let mut clusters = HashMap::new();
+        for e in list {
+            anyhow::ensure!(!e.cluster_id.is_empty(), "an entry has an empty clusterID");
+            anyhow::ensure!(!e.monitors.is_empty(), "cluster {} has no monitors", e.cluster_id);
+            anyhow::ensure!(
+                clusters.insert(e.cluster_id.clone(), e.clone()).is_none(),
+                "clusterID {} appears twice",
+                e.cluster_id
+            );
+        }
+        Ok(Self { clusters })
+    }
+
+    pub fn get(&self, id: &str) -> Option<&ClusterEntry> {
+        self.clusters.get(id)
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &ClusterEntry> {
+        self.clusters.values()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_ceph_csi_cluster_config() {
+        let c = ClusterConfig::parse(r#"[{"clusterID":"abc","monitors":["10.0.0.1:6789","10.0.0.2:3300"],"cephFS":{}}]"#).unwrap();
+        assert_eq!(c.get("abc").unwrap().monitors.len(), 2);
+        assert_eq!(c.get("abc").unwrap().registry_pool(), "rbd");
+        assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":[]}]"#).is_err());
+        assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"a","monitors":["m"]}]"#).is_err());
+    }
+}

@@ -1,0 +1,109 @@
+//! The domain: volume and snapshot IDs, StorageClass parameters, naming, idempotency, fencing and
+//! the in-flight guard. The CSI adapters translate protobuf to these types and back; nothing in
+//! here knows about gRPC except the one error mapping in `csi::status`.
+
+pub mod config;
+pub mod controller;
+pub mod guard;
+pub mod id;
+pub mod naming;
+pub mod params;
+
+pub use config::{ClusterConfig, ClusterEntry};
+pub use guard::{InFlight, InFlightGuard};
+pub use id::{IdError, SnapshotId, VolumeId};
+pub use params::VolumeParams;
+
+use crate::ceph::CephError;
+use crate::secret::Secret;
+use std::collections::HashMap;
+
+/// cephx credentials, from the CSI secrets `userID` / `userKey` (ceph-csi's names).
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub user: String,
+    pub key: Secret,
+}
+
+impl Credentials {
+    pub fn from_secrets(secrets: &HashMap<String, String>) -> Result<Self, Error> {
+        let user = secrets.get("userID").filter(|s| !s.is_empty());
+        let key = secrets.get("userKey").filter(|s| !s.is_empty());
+        match (user, key) {
+            (Some(u), Some(k)) => {
+                if u.len() > 128 || !u.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
+                    return Err(Error::InvalidArgument("secret userID is not a valid cephx user name".into()));
+                }
+                // A cephx key is base64; reject anything else before librados sees it.
+                if k.len() > 256 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')) {
+                    return Err(Error::InvalidArgument("secret userKey is not a valid cephx key".into()));
+                }
+                let user = u.strip_prefix("client.").unwrap_or(u).to_string();
+                Ok(Self { user, key: Secret::new(k.clone()) })
+            }
+            _ => Err(Error::InvalidArgument("secrets userID and userKey are required".into())),
+        }
+    }
+
+    /// Reads `userID` and `userKey` files from a directory, the layout of a mounted Kubernetes Secret.
+    pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<Self> {
+        let read = |n: &str| -> anyhow::Result<String> {
+            let p = dir.join(n);
+            Ok(std::fs::read_to_string(&p)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?
+                .trim()
+                .to_string())
+        };
+        let mut m = HashMap::new();
+        m.insert("userID".to_string(), read("userID")?);
+        m.insert("userKey".to_string(), read("userKey")?);
+        Self::from_secrets(&m).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
+    }
+}
+
+/// Domain errors. Each variant is one gRPC code; `csi::status` does the mapping once.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+    /// A Ceph call failed; the errno decides the code.
+    #[error("{context}: {source}")]
+    Ceph {
+        context: String,
+        #[source]
+        source: CephError,
+    },
+}
+
+impl Error {
+    pub fn ceph(context: impl Into<String>) -> impl FnOnce(CephError) -> Error {
+        let context = context.into();
+        move |source| Error::Ceph { context, source }
+    }
+
+    pub fn aborted_in_flight(what: &str) -> Error {
+        Error::Aborted(format!("an operation on {what} is already in progress"))
+    }
+}
+
+impl From<IdError> for Error {
+    fn from(e: IdError) -> Self {
+        Error::NotFound(e.to_string())
+    }
+}
