@@ -3,6 +3,8 @@
 //! The library holds everything; `src/main.rs` is a thin command-line front end.
 
 pub mod ceph;
+pub mod client;
+pub mod csi;
 pub mod node;
 pub mod secret;
 pub mod volume;
