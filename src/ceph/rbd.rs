@@ -348,8 +348,9 @@ impl Image {
                 }
                 r => self.check("rbd_metadata_get", r)?,
             };
-            // `n` counts the terminating NUL.
-            buf.truncate(n.saturating_sub(1));
+            // librbd leaves `n` alone on success: the value ends at its NUL.
+            let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+            buf.truncate(end);
             return Ok(Some(String::from_utf8_lossy(&buf).into_owned()));
         }
     }

@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 #[derive(Clone)]
 pub struct CsiClient {
+    pub channel: Channel,
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
@@ -29,6 +30,7 @@ impl CsiClient {
             Endpoint::Tcp(addr) => TonicEndpoint::try_from(format!("http://{addr}"))?.connect().await?,
         };
         Ok(Self {
+            channel: channel.clone(),
             identity: IdentityClient::new(channel.clone()),
             controller: ControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),

@@ -1,6 +1,7 @@
 //! Thin gRPC adapters: validate fields, translate protobuf to domain types and back, and map
 //! domain errors to `tonic::Status` in one place (`status`).
 
+pub mod codec;
 pub mod controller;
 pub mod driver;
 pub mod health;

@@ -156,11 +156,13 @@ pub fn node_object(node: &str) -> String {
     format!("{NODE_OBJECT_PREFIX}{node}")
 }
 
+/// The attachment record. An unreadable record is an error, never "no attachments": fencing
+/// must fail closed.
 fn read_attachments(img: &Image) -> Result<Vec<Attachment>, CephError> {
-    Ok(img
-        .metadata_get(ATTACHMENTS_KEY)?
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or_default())
+    match img.metadata_get(ATTACHMENTS_KEY)? {
+        None => Ok(Vec::new()),
+        Some(s) => serde_json::from_str(&s).map_err(|_| CephError::new("parse attachments", ATTACHMENTS_KEY, -libc::EBADMSG)),
+    }
 }
 
 /// How many clone generations stand above this image.
