@@ -1,0 +1,482 @@
+//! rbd-fuse plus a loop device: works on any kernel with FUSE and loop support.
+//!
+//! One rbd-fuse daemon per image exposes the image as a file at
+//! `<state_dir>/fuse/<hash>/<image>`; `losetup` turns that file into `/dev/loopN`. The mount point
+//! lives in a 0700 directory because rbd-fuse gives the image file mode 0666.
+//!
+//! rbd-fuse parses only `-c`, `-p` and `-r`; the cluster identity reaches librados through
+//! `CEPH_ARGS` (`--id`, `-m`, `--keyfile`), which it reads with `rados_conf_parse_env`.
+//! It daemonizes itself (setsid) once mounted and connects afterwards, in FUSE's init; until
+//! that returns every access to the mount point blocks, so all waits here are bounded.
+//! The daemon is deliberately not tied to the plugin: published mounts outlive a plugin restart.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+use super::{ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping};
+use crate::node::command::{self, CommandSpec};
+use crate::node::mount::MountTable;
+use crate::node::state::ensure_private_dir;
+use crate::node::{blocking, NodeError};
+
+/// The fuse type rbd-fuse mounts show in mountinfo.
+pub const FUSE_FS_TYPE: &str = "fuse.rbd-fuse";
+
+#[derive(Debug)]
+pub struct FuseMapper {
+    config: MapperConfig,
+    /// Serialises map and unmap: they inspect and change shared state (mounts, loop devices).
+    lock: tokio::sync::Mutex<()>,
+}
+
+/// The rbd-fuse command line; the key only travels as a key file path inside `CEPH_ARGS`.
+pub fn fuse_command(
+    req: &MapRequest,
+    keyfile: &Path,
+    mountpoint: &Path,
+) -> Result<CommandSpec, NodeError> {
+    let keyfile = keyfile.to_string_lossy();
+    let mons = req.monitors.join(",");
+    // CEPH_ARGS is split on whitespace.
+    if keyfile.contains(char::is_whitespace) || mons.contains(char::is_whitespace) {
+        return Err(NodeError::InvalidArgument(
+            "monitors and the state directory must not contain whitespace".into(),
+        ));
+    }
+    Ok(CommandSpec::new("rbd-fuse")
+        .env(
+            "CEPH_ARGS",
+            format!("--id {} -m {} --keyfile {}", req.user, mons, keyfile),
+        )
+        .args(["-c", "/dev/null", "-p", &req.pool, "-r", &req.image])
+        .arg(mountpoint.to_string_lossy())
+        .detached())
+}
+
+/// `losetup --find --show --direct-io=on [--read-only] FILE`; direct I/O avoids caching the
+/// image twice (in the loop device and in the fuse file).
+pub fn losetup_command(file: &Path, read_only: bool) -> CommandSpec {
+    let mut c = CommandSpec::new("losetup").args(["--find", "--show", "--direct-io=on"]);
+    if read_only {
+        c = c.arg("--read-only");
+    }
+    c.arg(file.to_string_lossy())
+}
+
+impl FuseMapper {
+    pub fn new(config: MapperConfig) -> Self {
+        Self {
+            config,
+            lock: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn fuse_root(&self) -> PathBuf {
+        self.config.state_dir.join("fuse")
+    }
+
+    /// A stable, private mount point per image, so a restarted plugin finds it again.
+    pub fn mountpoint_for(&self, image: &ImageRef<'_>) -> PathBuf {
+        let digest = Sha256::digest(format!("{}/{}", image.pool, image.image).as_bytes());
+        let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+        self.fuse_root().join(hex)
+    }
+
+    /// Whether rbd-fuse is still serving this mapping.
+    pub fn health(&self, mapping: &Mapping) -> Result<(), String> {
+        let Some(mp) = &mapping.fuse_mountpoint else {
+            return Err("fuse mapping without a mount point".into());
+        };
+        let table = MountTable::load().map_err(|e| e.to_string())?;
+        if !is_fuse_mount(&table, mp) {
+            return Err(format!("rbd-fuse mount {} is gone", mp.display()));
+        }
+        if fuse_pids(mp).is_empty() {
+            return Err(format!("rbd-fuse process for {} is gone", mp.display()));
+        }
+        match loop_backing_file(&mapping.device) {
+            Some(f) if f.starts_with(mp) => Ok(()),
+            _ => Err(format!(
+                "{} no longer backs onto {}",
+                mapping.device.display(),
+                mp.display()
+            )),
+        }
+    }
+
+    /// Makes the loop device pick up a grown image (after the controller resized it).
+    pub async fn refresh_size(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        if let Some(file) = loop_backing_file(&mapping.device) {
+            // A stat refreshes the kernel's idea of the fuse file's size (rbd-fuse stats the
+            // image on every getattr); the attribute cache lasts one second.
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            let f = file.clone();
+            let _ = blocking(
+                "stat of rbd-fuse image",
+                self.config.command_timeout,
+                move || Ok(std::fs::metadata(&f).map(|m| m.len()).ok()),
+            )
+            .await?;
+        }
+        let spec = CommandSpec::new("losetup")
+            .arg("--set-capacity")
+            .arg(mapping.device.to_string_lossy());
+        command::run_ok(&spec, self.config.command_timeout)
+            .await
+            .map(drop)
+    }
+
+    /// Polls (bounded) until rbd-fuse exposes `file`; each probe can block while rbd-fuse connects.
+    async fn wait_for_image(&self, file: &Path, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return false;
+            }
+            let f = file.to_path_buf();
+            if let Ok(true) = blocking("waiting for rbd-fuse", remaining, move || {
+                Ok(std::fs::metadata(&f).map(|m| m.is_file()).unwrap_or(false))
+            })
+            .await
+            {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn start_fuse(
+        &self,
+        req: &MapRequest,
+        mountpoint: &Path,
+        file: &Path,
+    ) -> Result<(), NodeError> {
+        ensure_private_dir(&self.fuse_root())?;
+        ensure_private_dir(mountpoint)?;
+        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let spec = fuse_command(req, keyfile.path(), mountpoint)?;
+        tracing::info!(command = %spec, "starting rbd-fuse");
+        if let Err(e) = command::run_ok(&spec, self.config.command_timeout).await {
+            self.teardown(mountpoint).await;
+            return Err(e);
+        }
+        // The daemon reads the key file while it connects, so it may only go once the image shows.
+        let connected = self
+            .wait_for_image(file, self.config.fuse_connect_timeout)
+            .await;
+        drop(keyfile);
+        if !connected {
+            self.teardown(mountpoint).await;
+            return Err(NodeError::Unavailable(format!(
+                "rbd-fuse did not expose {}/{} within {:?} (cluster unreachable, wrong credentials, or no such image)",
+                req.pool, req.image, self.config.fuse_connect_timeout
+            )));
+        }
+        Ok(())
+    }
+
+    async fn find_unlocked(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
+        let mp = self.mountpoint_for(image);
+        let table = MountTable::load()?;
+        if !is_fuse_mount(&table, &mp) {
+            return Ok(None);
+        }
+        let file = mp.join(image.image);
+        Ok(loop_devices_backed_by(&file)
+            .into_iter()
+            .next()
+            .map(|dev| Mapping {
+                mapper: MapperKind::Fuse,
+                device: dev,
+                pid: fuse_pids(&mp).first().copied(),
+                fuse_mountpoint: Some(mp),
+            }))
+    }
+
+    /// Detaches loop devices over `mountpoint`, unmounts it (bounded), stops its rbd-fuse and
+    /// removes the directory. Best effort: problems are logged, the caller decides on errors by
+    /// checking what is left.
+    async fn teardown(&self, mountpoint: &Path) {
+        let t = self.config.command_timeout;
+        for dev in loop_devices_backed_by(mountpoint) {
+            let spec = CommandSpec::new("losetup")
+                .arg("-d")
+                .arg(dev.to_string_lossy());
+            if let Err(e) = command::run_ok(&spec, t).await {
+                tracing::error!(device = %dev.display(), error = %e, "could not detach loop device");
+            }
+        }
+        let pids = fuse_pids(mountpoint);
+        let mounted = MountTable::load()
+            .map(|tb| tb.is_mountpoint(mountpoint))
+            .unwrap_or(true);
+        if mounted {
+            // umount runs in a child: against an rbd-fuse that lost its cluster it can block
+            // forever, and a child can be abandoned where a thread could not.
+            let spec = CommandSpec::new("umount").arg(mountpoint.to_string_lossy());
+            let clean = match command::run_ok(&spec, self.config.unmount_timeout).await {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of rbd-fuse failed; forcing");
+                    false
+                }
+            };
+            if !clean {
+                kill_all(&pids, libc::SIGKILL);
+                let lazy = CommandSpec::new("umount")
+                    .arg("-l")
+                    .arg(mountpoint.to_string_lossy());
+                if let Err(e) = command::run_ok(&lazy, t).await {
+                    tracing::error!(mountpoint = %mountpoint.display(), error = %e, "lazy unmount failed");
+                }
+            }
+        }
+        // After a clean unmount rbd-fuse exits by itself; give it a moment, then insist.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        kill_all(&fuse_pids(mountpoint), libc::SIGKILL);
+        let _ = std::fs::remove_dir(mountpoint);
+    }
+}
+
+impl Mapper for FuseMapper {
+    fn kind(&self) -> MapperKind {
+        MapperKind::Fuse
+    }
+
+    async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
+        if req.namespace.as_deref().is_some_and(|n| !n.is_empty()) {
+            return Err(NodeError::InvalidArgument(
+                "rbd-fuse does not support RADOS namespaces; use krbd or nbd".into(),
+            ));
+        }
+        let _guard = self.lock.lock().await;
+        let image = ImageRef::from(req);
+        if let Some(m) = self.find_unlocked(&image).await? {
+            return Ok(m);
+        }
+        let mp = self.mountpoint_for(&image);
+        let file = mp.join(&req.image);
+        let mounted = is_fuse_mount(&MountTable::load()?, &mp);
+        // A mount left from before (no loop device yet): reuse it if it still serves the image.
+        let reusable = mounted && self.wait_for_image(&file, Duration::from_secs(2)).await;
+        if !reusable {
+            if mounted {
+                self.teardown(&mp).await;
+            }
+            self.start_fuse(req, &mp, &file).await?;
+        }
+        let out = match command::run_ok(
+            &losetup_command(&file, req.read_only),
+            self.config.command_timeout,
+        )
+        .await
+        {
+            Ok(o) => o,
+            Err(e) => {
+                self.teardown(&mp).await;
+                return Err(e);
+            }
+        };
+        let device = PathBuf::from(out.stdout.trim());
+        tracing::info!(image = %req.image_spec(), device = %device.display(), "mapped through rbd-fuse");
+        Ok(Mapping {
+            mapper: MapperKind::Fuse,
+            device,
+            pid: fuse_pids(&mp).first().copied(),
+            fuse_mountpoint: Some(mp),
+        })
+    }
+
+    async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        let _guard = self.lock.lock().await;
+        let Some(mp) = &mapping.fuse_mountpoint else {
+            return Err(NodeError::InvalidArgument(
+                "fuse mapping without a mount point".into(),
+            ));
+        };
+        self.teardown(mp).await;
+        let left_mounted = MountTable::load()?.is_mountpoint(mp);
+        let left_pids = fuse_pids(mp);
+        let left_loops = loop_devices_backed_by(mp);
+        if left_mounted || !left_pids.is_empty() || !left_loops.is_empty() {
+            return Err(NodeError::Unavailable(format!(
+                "rbd-fuse at {} not fully stopped (mounted: {left_mounted}, pids: {left_pids:?}, loop devices: {left_loops:?})",
+                mp.display()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
+        let _guard = self.lock.lock().await;
+        self.find_unlocked(image).await
+    }
+}
+
+fn is_fuse_mount(table: &MountTable, mountpoint: &Path) -> bool {
+    table
+        .at(mountpoint)
+        .is_some_and(|e| e.fs_type == FUSE_FS_TYPE)
+}
+
+/// The file a loop device is backed by, from sysfs.
+pub fn loop_backing_file(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?.to_str()?;
+    let raw = std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).ok()?;
+    Some(PathBuf::from(parse_backing_file(&raw)))
+}
+
+fn parse_backing_file(raw: &str) -> &str {
+    let s = raw.trim_end_matches('\n');
+    s.strip_suffix(" (deleted)").unwrap_or(s)
+}
+
+/// Loop devices whose backing file is `path` or lies under it.
+pub fn loop_devices_backed_by(path: &Path) -> Vec<PathBuf> {
+    let Ok(rd) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = rd
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            name.starts_with("loop").then_some(name)
+        })
+        .filter_map(|name| {
+            let dev = PathBuf::from(format!("/dev/{name}"));
+            loop_backing_file(&dev)
+                .filter(|f| f.starts_with(path))
+                .map(|_| dev)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// rbd-fuse processes serving `mountpoint`, found by their command line.
+pub fn fuse_pids(mountpoint: &Path) -> Vec<u32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let want = mountpoint.as_os_str().as_encoded_bytes();
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| is_fuse_cmdline_for(&c, want))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+fn is_fuse_cmdline_for(cmdline: &[u8], mountpoint: &[u8]) -> bool {
+    let mut args = cmdline.split(|b| *b == 0);
+    let is_fuse = args
+        .next()
+        .is_some_and(|a0| a0.rsplit(|b| *b == b'/').next() == Some(b"rbd-fuse"));
+    is_fuse && args.any(|a| a == mountpoint)
+}
+
+fn pid_alive(pid: u32) -> bool {
+    // A zombie has an empty cmdline; it no longer holds anything.
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+fn kill_all(pids: &[u32], signal: libc::c_int) {
+    for &pid in pids {
+        // SAFETY: kill(2) with a pid found by its rbd-fuse command line.
+        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+        if rc != 0 {
+            tracing::debug!(pid, "kill: {}", std::io::Error::last_os_error());
+        } else {
+            tracing::warn!(pid, signal, "killed rbd-fuse");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::mapper::sample_request;
+
+    #[test]
+    fn fuse_command_passes_identity_through_ceph_args_and_no_key() {
+        let req = sample_request();
+        let c = fuse_command(&req, Path::new("/s/keys/1.key"), Path::new("/s/fuse/ab")).unwrap();
+        assert_eq!(c.program, "rbd-fuse");
+        assert_eq!(
+            c.args,
+            [
+                "-c",
+                "/dev/null",
+                "-p",
+                "rbd",
+                "-r",
+                "csi-vol-1",
+                "/s/fuse/ab"
+            ]
+        );
+        assert_eq!(
+            c.env,
+            [(
+                "CEPH_ARGS".to_string(),
+                "--id csi -m 10.0.0.1:6789,10.0.0.2:6789 --keyfile /s/keys/1.key".to_string()
+            )]
+        );
+        assert!(c.own_process_group);
+        assert!(!c.to_string().contains("AQB"));
+        assert!(fuse_command(&req, Path::new("/a b/k"), Path::new("/m")).is_err());
+    }
+
+    #[test]
+    fn losetup_uses_direct_io_and_read_only_when_asked() {
+        assert_eq!(
+            losetup_command(Path::new("/m/img"), true).args,
+            [
+                "--find",
+                "--show",
+                "--direct-io=on",
+                "--read-only",
+                "/m/img"
+            ]
+        );
+    }
+
+    #[test]
+    fn mountpoints_are_stable_per_image_and_distinct() {
+        let m = FuseMapper::new(MapperConfig {
+            state_dir: "/s".into(),
+            command_timeout: Duration::from_secs(1),
+            fuse_connect_timeout: Duration::from_secs(1),
+            unmount_timeout: Duration::from_secs(1),
+        });
+        let a = ImageRef {
+            pool: "rbd",
+            namespace: None,
+            image: "a",
+        };
+        let b = ImageRef {
+            image: "b",
+            ..a.clone()
+        };
+        assert_eq!(m.mountpoint_for(&a), m.mountpoint_for(&a));
+        assert_ne!(m.mountpoint_for(&a), m.mountpoint_for(&b));
+        assert!(m.mountpoint_for(&a).starts_with("/s/fuse"));
+    }
+
+    #[test]
+    fn recognises_rbd_fuse_command_lines() {
+        let c = b"rbd-fuse\0-c\0/dev/null\0-p\0rbd\0-r\0img\0/s/fuse/ab\0";
+        assert!(is_fuse_cmdline_for(c, b"/s/fuse/ab"));
+        assert!(!is_fuse_cmdline_for(c, b"/s/fuse/a"));
+        assert!(is_fuse_cmdline_for(b"/usr/bin/rbd-fuse\0/m\0", b"/m"));
+        assert!(!is_fuse_cmdline_for(b"umount\0/s/fuse/ab\0", b"/s/fuse/ab"));
+        assert_eq!(parse_backing_file("/m/img (deleted)\n"), "/m/img");
+    }
+}

@@ -1,0 +1,390 @@
+//! Mapping an RBD image to a local block device: kernel rbd, rbd-nbd, or rbd-fuse plus a loop
+//! device, chosen per volume by the StorageClass parameter `mounter`.
+//!
+//! Credentials reach the tools only through a [`KeyFile`] (mode 0600, created exclusively in a 0700
+//! directory, deleted right after use) and `--keyfile`; never through argv or logs.
+
+pub mod auto;
+pub mod fuse;
+pub mod krbd;
+pub mod nbd;
+
+use std::fmt;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::NodeError;
+use crate::secret::Secret;
+
+pub use auto::AutoProbe;
+pub use fuse::FuseMapper;
+pub use krbd::KrbdMapper;
+pub use nbd::NbdMapper;
+
+/// A concrete mapper.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MapperKind {
+    Krbd,
+    Nbd,
+    Fuse,
+}
+
+impl fmt::Display for MapperKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MapperKind::Krbd => "krbd",
+            MapperKind::Nbd => "nbd",
+            MapperKind::Fuse => "fuse",
+        })
+    }
+}
+
+/// The StorageClass `mounter` parameter: a concrete mapper, or `auto` (decided on the node).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MapperChoice {
+    Fixed(MapperKind),
+    Auto,
+}
+
+impl Default for MapperChoice {
+    fn default() -> Self {
+        MapperChoice::Fixed(MapperKind::Krbd)
+    }
+}
+
+impl FromStr for MapperChoice {
+    type Err = NodeError;
+    /// Accepts ceph-csi's spellings; empty means the default (krbd).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "" | "rbd" | "krbd" => MapperChoice::Fixed(MapperKind::Krbd),
+            "nbd" | "rbd-nbd" => MapperChoice::Fixed(MapperKind::Nbd),
+            "fuse" | "rbd-fuse" => MapperChoice::Fixed(MapperKind::Fuse),
+            "auto" => MapperChoice::Auto,
+            other => {
+                return Err(NodeError::InvalidArgument(format!(
+                    "unknown mounter {other:?} (krbd, nbd, fuse or auto)"
+                )))
+            }
+        })
+    }
+}
+
+/// What to map and how to reach the cluster.
+#[derive(Debug, Clone)]
+pub struct MapRequest {
+    pub pool: String,
+    pub namespace: Option<String>,
+    pub image: String,
+    pub monitors: Vec<String>,
+    pub user: String,
+    pub key: Secret,
+    /// StorageClass `mapOptions` (comma-separated), passed to the mapper.
+    pub map_options: Option<String>,
+    pub read_only: bool,
+}
+
+impl MapRequest {
+    /// `pool[/namespace]/image`, the spec `rbd` and `rbd-nbd` take.
+    pub fn image_spec(&self) -> String {
+        image_spec(&self.pool, self.namespace.as_deref(), &self.image)
+    }
+
+    fn validate(&self) -> Result<(), NodeError> {
+        let bad = |what: &str| Err(NodeError::InvalidArgument(what.to_string()));
+        if self.pool.is_empty() || self.image.is_empty() {
+            return bad("pool and image are required");
+        }
+        for part in [&self.pool, &self.image, &self.user]
+            .into_iter()
+            .chain(self.namespace.as_ref())
+        {
+            if part.contains('/') || part.contains('\0') || part.starts_with('-') {
+                return bad("pool, namespace, image and user must not contain '/' or NUL, or start with '-'");
+            }
+        }
+        if self.monitors.is_empty() {
+            return bad("at least one monitor is required");
+        }
+        if self.user.is_empty() || self.key.is_empty() {
+            return bad("user and key are required");
+        }
+        Ok(())
+    }
+}
+
+pub fn image_spec(pool: &str, namespace: Option<&str>, image: &str) -> String {
+    match namespace {
+        Some(ns) if !ns.is_empty() => format!("{pool}/{ns}/{image}"),
+        _ => format!("{pool}/{image}"),
+    }
+}
+
+/// A live mapping; stored in the staging state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Mapping {
+    pub mapper: MapperKind,
+    pub device: PathBuf,
+    /// fuse only: where rbd-fuse exposes the image as a file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fuse_mountpoint: Option<PathBuf>,
+    /// The daemon serving the device (rbd-fuse, rbd-nbd), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+}
+
+/// Identifies an image for [`Mapper::find`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageRef<'a> {
+    pub pool: &'a str,
+    pub namespace: Option<&'a str>,
+    pub image: &'a str,
+}
+
+impl<'a> From<&'a MapRequest> for ImageRef<'a> {
+    fn from(r: &'a MapRequest) -> Self {
+        ImageRef {
+            pool: &r.pool,
+            namespace: r.namespace.as_deref(),
+            image: &r.image,
+        }
+    }
+}
+
+/// One way of turning an image into a block device.
+#[allow(async_fn_in_trait)]
+pub trait Mapper {
+    fn kind(&self) -> MapperKind;
+    /// Maps the image; returns the existing mapping if it is already mapped.
+    async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError>;
+    /// Unmaps; a mapping that is already gone is success.
+    async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError>;
+    /// The existing mapping of the image, if any (after a repeated stage or a plugin restart).
+    async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError>;
+}
+
+/// Settings shared by all mappers.
+#[derive(Debug, Clone)]
+pub struct MapperConfig {
+    /// Root of the plugin's private state (key files, fuse mount points).
+    pub state_dir: PathBuf,
+    pub command_timeout: Duration,
+    /// How long rbd-fuse may take to connect and expose the image.
+    pub fuse_connect_timeout: Duration,
+    /// How long an unmount of a fuse mount point may block before it is forced.
+    pub unmount_timeout: Duration,
+}
+
+/// All mappers, dispatching on [`MapperKind`].
+#[derive(Debug)]
+pub struct Mappers {
+    pub krbd: KrbdMapper,
+    pub nbd: NbdMapper,
+    pub fuse: FuseMapper,
+    pub probe: AutoProbe,
+}
+
+impl Mappers {
+    pub fn new(config: MapperConfig, probe: AutoProbe) -> Self {
+        Self {
+            krbd: KrbdMapper::new(config.clone()),
+            nbd: NbdMapper::new(config.clone()),
+            fuse: FuseMapper::new(config),
+            probe,
+        }
+    }
+
+    /// Resolves `auto` on this node.
+    pub fn resolve(&self, choice: MapperChoice) -> MapperKind {
+        match choice {
+            MapperChoice::Fixed(k) => k,
+            MapperChoice::Auto => self.probe.choose(),
+        }
+    }
+
+    pub async fn map(&self, kind: MapperKind, req: &MapRequest) -> Result<Mapping, NodeError> {
+        req.validate()?;
+        match kind {
+            MapperKind::Krbd => self.krbd.map(req).await,
+            MapperKind::Nbd => self.nbd.map(req).await,
+            MapperKind::Fuse => self.fuse.map(req).await,
+        }
+    }
+
+    pub async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        match mapping.mapper {
+            MapperKind::Krbd => self.krbd.unmap(mapping).await,
+            MapperKind::Nbd => self.nbd.unmap(mapping).await,
+            MapperKind::Fuse => self.fuse.unmap(mapping).await,
+        }
+    }
+
+    pub async fn find(
+        &self,
+        kind: MapperKind,
+        image: &ImageRef<'_>,
+    ) -> Result<Option<Mapping>, NodeError> {
+        match kind {
+            MapperKind::Krbd => self.krbd.find(image).await,
+            MapperKind::Nbd => self.nbd.find(image).await,
+            MapperKind::Fuse => self.fuse.find(image).await,
+        }
+    }
+
+    /// Whether the mapping still serves its device; the reason when it does not.
+    pub fn health(&self, mapping: &Mapping) -> Result<(), String> {
+        if !mapping.device.exists() {
+            return Err(format!("device {} is gone", mapping.device.display()));
+        }
+        if mapping.mapper == MapperKind::Fuse {
+            return self.fuse.health(mapping);
+        }
+        Ok(())
+    }
+}
+
+/// A cephx key in a 0600 file, removed on drop.
+#[derive(Debug)]
+pub struct KeyFile {
+    path: PathBuf,
+}
+
+impl KeyFile {
+    /// Creates the file exclusively with mode 0600 inside `<state_dir>/keys` (mode 0700).
+    pub fn create(state_dir: &Path, key: &Secret) -> Result<Self, NodeError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = state_dir.join("keys");
+        super::state::ensure_private_dir(&dir)?;
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let name = format!(
+            "{}-{}-{nanos}.key",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        let path = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| NodeError::io("creating key file", &path, e))?;
+        let kf = KeyFile { path };
+        use std::io::Write;
+        f.write_all(key.expose().as_bytes())
+            .and_then(|_| f.write_all(b"\n"))
+            .map_err(|e| NodeError::io("writing key file", &kf.path, e))?;
+        Ok(kf)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for KeyFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::error!(path = %self.path.display(), error = %e, "could not remove key file");
+            }
+        }
+    }
+}
+
+/// The cluster-identity arguments shared by `rbd` and `rbd-nbd`. `-c /dev/null` keeps a host
+/// `/etc/ceph/ceph.conf` (or its absence) out of the picture.
+pub(crate) fn cluster_args(req: &MapRequest, keyfile: &Path) -> Vec<String> {
+    vec![
+        "-c".into(),
+        "/dev/null".into(),
+        "--id".into(),
+        req.user.clone(),
+        "-m".into(),
+        req.monitors.join(","),
+        "--keyfile".into(),
+        keyfile.to_string_lossy().into_owned(),
+    ]
+}
+
+#[cfg(test)]
+pub(crate) fn sample_request() -> MapRequest {
+    MapRequest {
+        pool: "rbd".into(),
+        namespace: None,
+        image: "csi-vol-1".into(),
+        monitors: vec!["10.0.0.1:6789".into(), "10.0.0.2:6789".into()],
+        user: "csi".into(),
+        key: Secret::new("AQBsecretkey=="),
+        map_options: None,
+        read_only: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn mounter_parameter_accepts_ceph_csi_spellings() {
+        use MapperKind::*;
+        for (s, want) in [
+            ("", MapperChoice::Fixed(Krbd)),
+            ("rbd", MapperChoice::Fixed(Krbd)),
+            ("krbd", MapperChoice::Fixed(Krbd)),
+            ("rbd-nbd", MapperChoice::Fixed(Nbd)),
+            ("nbd", MapperChoice::Fixed(Nbd)),
+            ("rbd-fuse", MapperChoice::Fixed(Fuse)),
+            ("fuse", MapperChoice::Fixed(Fuse)),
+            ("auto", MapperChoice::Auto),
+        ] {
+            assert_eq!(s.parse::<MapperChoice>().unwrap(), want, "{s}");
+        }
+        assert!("iscsi".parse::<MapperChoice>().is_err());
+    }
+
+    #[test]
+    fn key_file_is_private_and_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let kf = KeyFile::create(dir.path(), &Secret::new("AQBkey==")).unwrap();
+        let p = kf.path().to_path_buf();
+        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(p.parent().unwrap()).unwrap().mode() & 0o777,
+            0o700
+        );
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), "AQBkey==\n");
+        drop(kf);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn requests_with_option_like_or_slashed_names_are_rejected() {
+        let mut r = sample_request();
+        assert!(r.validate().is_ok());
+        r.image = "-rf".into();
+        assert!(r.validate().is_err());
+        let mut r = sample_request();
+        r.pool = "a/b".into();
+        assert!(r.validate().is_err());
+        let mut r = sample_request();
+        r.monitors.clear();
+        assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn image_spec_includes_namespace_when_set() {
+        assert_eq!(image_spec("p", None, "i"), "p/i");
+        assert_eq!(image_spec("p", Some(""), "i"), "p/i");
+        assert_eq!(image_spec("p", Some("ns"), "i"), "p/ns/i");
+    }
+}

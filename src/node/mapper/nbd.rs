@@ -1,0 +1,166 @@
+//! rbd-nbd: librbd in a user-space daemon behind the kernel's nbd driver.
+//!
+//! The test machine's kernel has no `nbd` module, so only command construction and output parsing
+//! are unit-tested here. The daemon is started in its own process group so it survives a restart
+//! of the plugin.
+
+use std::path::Path;
+
+use super::krbd::{parse_device, parse_list};
+use super::{
+    cluster_args, ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping,
+};
+use crate::node::command::{self, CommandSpec};
+use crate::node::NodeError;
+
+#[derive(Debug)]
+pub struct NbdMapper {
+    config: MapperConfig,
+}
+
+impl NbdMapper {
+    pub fn new(config: MapperConfig) -> Self {
+        Self { config }
+    }
+}
+
+/// `rbd-nbd map POOL[/NS]/IMAGE -c /dev/null --id U -m MONS --keyfile F [--read-only] [--OPT [VAL]]...`
+///
+/// `mapOptions` like `timeout=120,try-netlink` become `--timeout 120 --try-netlink`.
+pub fn map_command(req: &MapRequest, keyfile: &Path) -> CommandSpec {
+    let mut c = CommandSpec::new("rbd-nbd")
+        .arg("map")
+        .arg(req.image_spec())
+        .args(cluster_args(req, keyfile))
+        .detached();
+    if req.read_only {
+        c = c.arg("--read-only");
+    }
+    for opt in req
+        .map_options
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|o| !o.is_empty())
+    {
+        match opt.split_once('=') {
+            Some((k, v)) => c = c.arg(format!("--{k}")).arg(v),
+            None => c = c.arg(format!("--{opt}")),
+        }
+    }
+    c
+}
+
+pub fn list_command() -> CommandSpec {
+    CommandSpec::new("rbd-nbd").args(["-c", "/dev/null", "list-mapped", "--format", "json"])
+}
+
+pub fn unmap_command(device: &Path) -> CommandSpec {
+    CommandSpec::new("rbd-nbd")
+        .args(["-c", "/dev/null", "unmap"])
+        .arg(device.to_string_lossy())
+}
+
+impl Mapper for NbdMapper {
+    fn kind(&self) -> MapperKind {
+        MapperKind::Nbd
+    }
+
+    async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
+        if let Some(m) = self.find(&req.into()).await? {
+            return Ok(m);
+        }
+        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let spec = map_command(req, keyfile.path());
+        let out = command::run_ok(&spec, self.config.command_timeout).await?;
+        drop(keyfile);
+        let device = parse_device("rbd-nbd", &out.stdout)?;
+        // The daemon's pid comes from list-mapped.
+        let pid = self
+            .find(&req.into())
+            .await
+            .ok()
+            .flatten()
+            .and_then(|m| m.pid);
+        Ok(Mapping {
+            mapper: MapperKind::Nbd,
+            device,
+            fuse_mountpoint: None,
+            pid,
+        })
+    }
+
+    async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        if !mapping.device.exists() {
+            return Ok(());
+        }
+        command::run_ok(&unmap_command(&mapping.device), self.config.command_timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
+        let out = command::run_ok(&list_command(), self.config.command_timeout).await?;
+        Ok(parse_list("rbd-nbd", &out.stdout)?
+            .into_iter()
+            .find(|d| d.is(image))
+            .map(|d| Mapping {
+                mapper: MapperKind::Nbd,
+                device: d.device,
+                fuse_mountpoint: None,
+                pid: d.id.parse().ok(),
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::mapper::sample_request;
+    use std::path::PathBuf;
+
+    #[test]
+    fn map_command_translates_map_options_and_is_detached() {
+        let mut req = sample_request();
+        req.namespace = Some("ns".into());
+        req.map_options = Some("timeout=120, try-netlink".into());
+        req.read_only = true;
+        let c = map_command(&req, Path::new("/s/k"));
+        assert!(c.own_process_group);
+        assert_eq!(c.program, "rbd-nbd");
+        assert_eq!(
+            c.args,
+            [
+                "map",
+                "rbd/ns/csi-vol-1",
+                "-c",
+                "/dev/null",
+                "--id",
+                "csi",
+                "-m",
+                "10.0.0.1:6789,10.0.0.2:6789",
+                "--keyfile",
+                "/s/k",
+                "--read-only",
+                "--timeout",
+                "120",
+                "--try-netlink"
+            ]
+        );
+    }
+
+    #[test]
+    fn parses_list_mapped_with_numeric_pid() {
+        let json = r#"[{"id":4242,"pool":"rbd","namespace":"","image":"csi-vol-1","snap":"-","device":"/dev/nbd0"}]"#;
+        let list = parse_list("rbd-nbd", json).unwrap();
+        assert_eq!(list[0].id, "4242");
+        assert_eq!(list[0].device, PathBuf::from("/dev/nbd0"));
+        assert!(list[0].is(&ImageRef {
+            pool: "rbd",
+            namespace: None,
+            image: "csi-vol-1"
+        }));
+        assert_eq!(unmap_command(Path::new("/dev/nbd0")).args[3], "/dev/nbd0");
+    }
+}
