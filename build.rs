@@ -19,6 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .build_client(true)
         .file_descriptor_set_path(out.join("csi_descriptor.bin"))
+        .codec_path("crate::csi::codec::StrictCodec")
         .compile_protos(&["csi-spec/csi.proto"], &includes)?;
     Ok(())
 }
