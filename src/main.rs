@@ -21,7 +21,13 @@ use std::time::Duration;
 )]
 struct Cli {
     /// Log format for stderr.
-    #[arg(long, value_enum, default_value = "text", env = "ROOK_RBD_LOG_FORMAT", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        env = "ROOK_RBD_LOG_FORMAT",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -66,7 +72,11 @@ struct CsiArgs {
     #[arg(long)]
     node: bool,
     /// The cluster list, in ceph-csi's format: [{"clusterID": "...", "monitors": ["host:port"]}].
-    #[arg(long, env = "CLUSTER_CONFIG", default_value = "/etc/rook-rbd/config.json")]
+    #[arg(
+        long,
+        env = "CLUSTER_CONFIG",
+        default_value = "/etc/rook-rbd/config.json"
+    )]
     cluster_config: PathBuf,
     /// The CSI driver name.
     #[arg(long, env = "DRIVER_NAME", default_value = rook_rbd::csi::DEFAULT_DRIVER_NAME)]
@@ -102,14 +112,21 @@ struct CsiArgs {
     /// Flatten a clone when its chain of parents gets deeper than this.
     #[arg(long, default_value_t = 8)]
     max_clone_depth: u32,
+    /// The mapper for volumes whose StorageClass sets no `mounter`: krbd, nbd, fuse, or auto
+    /// (krbd where the kernel has rbd, else nbd, else rbd-fuse plus a loop device).
+    #[arg(long, env = "DEFAULT_MOUNTER", default_value = "auto")]
+    default_mounter: String,
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
         LogFormat::Text => builder.init(),
@@ -119,7 +136,10 @@ fn init_logging(format: LogFormat) {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: starting the async runtime: {e}");
@@ -129,7 +149,11 @@ fn main() -> std::process::ExitCode {
     let res: anyhow::Result<()> = rt.block_on(async move {
         match cli.command {
             Command::Csi(a) => {
-                let (controller, node) = if !a.controller && !a.node { (true, true) } else { (a.controller, a.node) };
+                let (controller, node) = if !a.controller && !a.node {
+                    (true, true)
+                } else {
+                    (a.controller, a.node)
+                };
                 driver::run(DriverOptions {
                     endpoint: a.endpoint,
                     driver_name: a.driver_name,
@@ -153,6 +177,7 @@ fn main() -> std::process::ExitCode {
                         ..Default::default()
                     },
                     metrics_address: a.metrics_address,
+                    default_mounter: a.default_mounter,
                 })
                 .await
             }

@@ -4,7 +4,9 @@
 mod common;
 
 use common::*;
-use rook_rbd::csi::proto::{self, volume_capability::access_mode::Mode, volume_content_source as vcs};
+use rook_rbd::csi::proto::{
+    self, volume_capability::access_mode::Mode, volume_content_source as vcs,
+};
 use std::time::Duration;
 use tonic::Code;
 
@@ -25,28 +27,64 @@ async fn create_volume_is_idempotent_for_same_name_and_capacity() {
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("idem");
-    let a = cl.controller.create_volume(create_req(&c, &name, 100 * MIB)).await.unwrap().into_inner().volume.unwrap();
-    let b = cl.controller.create_volume(create_req(&c, &name, 100 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let a = cl
+        .controller
+        .create_volume(create_req(&c, &name, 100 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let b = cl
+        .controller
+        .create_volume(create_req(&c, &name, 100 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(a.volume_id, b.volume_id);
     assert_eq!(a.capacity_bytes, 100 * MIB);
     let image = image_of(&a.volume_id);
     assert_eq!(c.images().iter().filter(|i| **i == image).count(), 1);
 
     // Same name, different size: AlreadyExists, and the original is untouched.
-    let e = cl.controller.create_volume(create_req(&c, &name, 200 * MIB)).await.unwrap_err();
+    let e = cl
+        .controller
+        .create_volume(create_req(&c, &name, 200 * MIB))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
-    assert!(c.rbd(&["info", &format!("rbd/{image}")]).contains("100 MiB"));
+    assert!(c
+        .rbd(&["info", &format!("rbd/{image}")])
+        .contains("100 MiB"));
 
     // Same name, now with a content source: AlreadyExists.
-    let src = cl.controller.create_volume(create_req(&c, &unique("idem-src"), 100 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let src = cl
+        .controller
+        .create_volume(create_req(&c, &unique("idem-src"), 100 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let mut req = create_req(&c, &name, 100 * MIB);
-    req.volume_content_source =
-        Some(proto::VolumeContentSource { r#type: Some(vcs::Type::Volume(vcs::VolumeSource { volume_id: src.volume_id.clone() })) });
+    req.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Volume(vcs::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        })),
+    });
     let e = cl.controller.create_volume(req).await.unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
 
     for id in [a.volume_id, src.volume_id] {
-        cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: id, secrets: c.secrets() }).await.unwrap();
+        cl.controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id,
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
     }
     assert!(!c.images().contains(&image));
 }
@@ -56,12 +94,31 @@ async fn capacity_is_rounded_up_to_whole_mib() {
     let c = cluster_or_return!();
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let v = cl.controller.create_volume(create_req(&c, &unique("round"), 5 * MIB + 1)).await.unwrap().into_inner().volume.unwrap();
+    let v = cl
+        .controller
+        .create_volume(create_req(&c, &unique("round"), 5 * MIB + 1))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(v.capacity_bytes, 6 * MIB);
     let mut req = create_req(&c, &unique("round"), 5 * MIB + 1);
-    req.capacity_range = Some(proto::CapacityRange { required_bytes: 5 * MIB + 1, limit_bytes: 5 * MIB + 100 });
-    assert_eq!(cl.controller.create_volume(req).await.unwrap_err().code(), Code::OutOfRange);
-    cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id, secrets: c.secrets() }).await.unwrap();
+    req.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 5 * MIB + 1,
+        limit_bytes: 5 * MIB + 100,
+    });
+    assert_eq!(
+        cl.controller.create_volume(req).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -74,7 +131,9 @@ async fn concurrent_creates_of_one_name_make_exactly_one_image() {
     for _ in 0..8 {
         let mut cl = cl.clone();
         let req = create_req(&c, &name, 64 * MIB);
-        tasks.push(tokio::spawn(async move { cl.controller.create_volume(req).await }));
+        tasks.push(tokio::spawn(async move {
+            cl.controller.create_volume(req).await
+        }));
     }
     let mut ids = std::collections::HashSet::new();
     for t in tasks {
@@ -82,14 +141,31 @@ async fn concurrent_creates_of_one_name_make_exactly_one_image() {
             Ok(r) => {
                 ids.insert(r.into_inner().volume.unwrap().volume_id);
             }
-            Err(e) => assert_eq!(e.code(), Code::Aborted, "only Aborted may refuse a concurrent duplicate: {e:?}"),
+            Err(e) => assert_eq!(
+                e.code(),
+                Code::Aborted,
+                "only Aborted may refuse a concurrent duplicate: {e:?}"
+            ),
         }
     }
-    assert_eq!(ids.len(), 1, "every successful call returns the same volume");
+    assert_eq!(
+        ids.len(),
+        1,
+        "every successful call returns the same volume"
+    );
     let id = ids.into_iter().next().unwrap();
-    assert_eq!(c.images().iter().filter(|i| **i == image_of(&id)).count(), 1);
+    assert_eq!(
+        c.images().iter().filter(|i| **i == image_of(&id)).count(),
+        1
+    );
     let mut cl = cl.clone();
-    cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: id, secrets: c.secrets() }).await.unwrap();
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: id,
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
 }
 
 /// kill -9 the driver at many points inside CreateVolume (a clone from a volume has several
@@ -100,7 +176,14 @@ async fn kill_9_during_create_then_retry_leaks_nothing() {
     let c = cluster_or_return!();
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let src = cl.controller.create_volume(create_req(&c, &unique("crash-src"), 64 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let src = cl
+        .controller
+        .create_volume(create_req(&c, &unique("crash-src"), 64 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let src_image = image_of(&src.volume_id);
     let trash_before = c.trash().len();
     let mut made = Vec::new();
@@ -109,7 +192,9 @@ async fn kill_9_during_create_then_retry_leaks_nothing() {
         let mut req = create_req(&c, &name, 64 * MIB);
         if i % 2 == 0 {
             req.volume_content_source = Some(proto::VolumeContentSource {
-                r#type: Some(vcs::Type::Volume(vcs::VolumeSource { volume_id: src.volume_id.clone() })),
+                r#type: Some(vcs::Type::Volume(vcs::VolumeSource {
+                    volume_id: src.volume_id.clone(),
+                })),
             });
         }
         let mut doomed = cl.clone();
@@ -120,20 +205,46 @@ async fn kill_9_during_create_then_retry_leaks_nothing() {
         let _ = call.await;
         d.restart();
         cl = d.client().await;
-        let v = cl.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+        let v = cl
+            .controller
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         let image = image_of(&v.volume_id);
-        assert_eq!(c.images().iter().filter(|x| **x == image).count(), 1, "kill after {delay_ms} ms");
+        assert_eq!(
+            c.images().iter().filter(|x| **x == image).count(),
+            1,
+            "kill after {delay_ms} ms"
+        );
         made.push(v.volume_id);
     }
     let snaps = c.all_snaps(&src_image);
-    assert!(!snaps.lines().any(|l| l.contains("csi-tmp-") && l.contains("user")), "temporary snapshot left in user namespace:\n{snaps}");
+    assert!(
+        !snaps
+            .lines()
+            .any(|l| l.contains("csi-tmp-") && l.contains("user")),
+        "temporary snapshot left in user namespace:\n{snaps}"
+    );
     for id in made.into_iter().chain([src.volume_id]) {
-        cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: id, secrets: c.secrets() }).await.unwrap();
+        cl.controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id,
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
     }
     // The source went to the trash while its clones lived, and is swept once they are gone.
     let mut left = Vec::new();
     for _ in 0..50 {
-        left = c.images().into_iter().filter(|i| i.starts_with("csi-vol-") && i == &src_image).collect();
+        left = c
+            .images()
+            .into_iter()
+            .filter(|i| i.starts_with("csi-vol-") && i == &src_image)
+            .collect();
         if left.is_empty() && c.trash().len() <= trash_before {
             break;
         }
@@ -148,14 +259,44 @@ async fn delete_is_idempotent_and_ignores_unknown_ids() {
     let c = cluster_or_return!();
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let v = cl.controller.create_volume(create_req(&c, &unique("del"), 16 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = cl
+        .controller
+        .create_volume(create_req(&c, &unique("del"), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     for _ in 0..2 {
-        cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id.clone(), secrets: c.secrets() }).await.unwrap();
+        cl.controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
     }
-    for id in ["fake-vol-id-1", "0001-0004-nope-0003-rbd-csi-vol-0", &format!("0001-0024-{}-0007-nopool-csi-vol-1", c.fsid)] {
-        cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: id.into(), secrets: c.secrets() }).await.unwrap();
+    for id in [
+        "fake-vol-id-1",
+        "0001-0004-nope-0003-rbd-csi-vol-0",
+        &format!("0001-0024-{}-0007-nopool-csi-vol-1", c.fsid),
+    ] {
+        cl.controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
     }
-    let e = cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: String::new(), secrets: c.secrets() }).await.unwrap_err();
+    let e = cl
+        .controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: String::new(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 }
 
@@ -164,21 +305,41 @@ async fn delete_of_a_watched_image_is_refused_with_failed_precondition() {
     let c = cluster_or_return!();
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let v = cl.controller.create_volume(create_req(&c, &unique("watched"), 16 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = cl
+        .controller
+        .create_volume(create_req(&c, &unique("watched"), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let image = image_of(&v.volume_id);
     // `rbd watch` holds a watch on the header, as a mapped image does.
     let mut watch = std::process::Command::new("rbd")
-        .args(["-c", c.dir.join("ceph.conf").to_str().unwrap(), "watch", &format!("rbd/{image}")])
+        .args([
+            "-c",
+            c.dir.join("ceph.conf").to_str().unwrap(),
+            "watch",
+            &format!("rbd/{image}"),
+        ])
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
     for _ in 0..100 {
-        if c.rbd(&["status", &format!("rbd/{image}")]).contains("watcher=") {
+        if c.rbd(&["status", &format!("rbd/{image}")])
+            .contains("watcher=")
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let refused = cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id.clone(), secrets: c.secrets() }).await;
+    let refused = cl
+        .controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            secrets: c.secrets(),
+        })
+        .await;
     let _ = watch.kill();
     let _ = watch.wait();
     let e = refused.expect_err("delete should be refused while watched");
@@ -187,7 +348,15 @@ async fn delete_of_a_watched_image_is_refused_with_failed_precondition() {
     assert!(c.images().contains(&image), "nothing is lost");
     // The watch's timeout may keep it visible for a while after the process dies.
     for _ in 0..60 {
-        if cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id.clone(), secrets: c.secrets() }).await.is_ok() {
+        if cl
+            .controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: c.secrets(),
+            })
+            .await
+            .is_ok()
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -200,7 +369,14 @@ async fn snapshots_outlive_their_source_and_everything_is_swept_at_the_end() {
     let c = cluster_or_return!();
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let src = cl.controller.create_volume(create_req(&c, &unique("snapsrc"), 32 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let src = cl
+        .controller
+        .create_volume(create_req(&c, &unique("snapsrc"), 32 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let snap = cl
         .controller
         .create_snapshot(proto::CreateSnapshotRequest {
@@ -217,27 +393,70 @@ async fn snapshots_outlive_their_source_and_everything_is_swept_at_the_end() {
     assert_eq!(snap.source_volume_id, src.volume_id);
     assert!(snap.ready_to_use);
     // The source can go while the snapshot stays.
-    cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: src.volume_id.clone(), secrets: c.secrets() }).await.unwrap();
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: src.volume_id.clone(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
     assert!(!c.images().contains(&image_of(&src.volume_id)));
     // ...and the snapshot still restores, larger than it was.
     let mut req = create_req(&c, &unique("restored"), 64 * MIB);
-    req.volume_content_source =
-        Some(proto::VolumeContentSource { r#type: Some(vcs::Type::Snapshot(vcs::SnapshotSource { snapshot_id: snap.snapshot_id.clone() })) });
-    let restored = cl.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    req.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Snapshot(vcs::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    let restored = cl
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     assert_eq!(restored.capacity_bytes, 64 * MIB);
     assert!(restored.content_source.is_some());
     // Smaller than the snapshot: OutOfRange.
     let mut req = create_req(&c, &unique("restored-small"), 16 * MIB);
-    req.volume_content_source =
-        Some(proto::VolumeContentSource { r#type: Some(vcs::Type::Snapshot(vcs::SnapshotSource { snapshot_id: snap.snapshot_id.clone() })) });
-    assert_eq!(cl.controller.create_volume(req).await.unwrap_err().code(), Code::OutOfRange);
+    req.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Snapshot(vcs::SnapshotSource {
+            snapshot_id: snap.snapshot_id.clone(),
+        })),
+    });
+    assert_eq!(
+        cl.controller.create_volume(req).await.unwrap_err().code(),
+        Code::OutOfRange
+    );
 
-    cl.controller.delete_snapshot(proto::DeleteSnapshotRequest { snapshot_id: snap.snapshot_id.clone(), secrets: c.secrets() }).await.unwrap();
-    cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: restored.volume_id.clone(), secrets: c.secrets() }).await.unwrap();
-    let ours = [image_of(&src.volume_id), image_of(&snap.snapshot_id), image_of(&restored.volume_id)];
+    cl.controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: restored.volume_id.clone(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+    let ours = [
+        image_of(&src.volume_id),
+        image_of(&snap.snapshot_id),
+        image_of(&restored.volume_id),
+    ];
     let mut leftover = Vec::new();
     for _ in 0..50 {
-        leftover = c.images().into_iter().chain(c.trash()).filter(|l| ours.iter().any(|o| l.contains(o.as_str()))).collect();
+        leftover = c
+            .images()
+            .into_iter()
+            .chain(c.trash())
+            .filter(|l| ours.iter().any(|o| l.contains(o.as_str())))
+            .collect();
         if leftover.is_empty() {
             break;
         }
@@ -254,7 +473,14 @@ async fn a_single_node_volume_cannot_be_published_to_a_second_node() {
     let (a, b) = (unique("node-a"), unique("node-b"));
     c.register_node(&a);
     c.register_node(&b);
-    let v = cl.controller.create_volume(create_req(&c, &unique("fence"), 16 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = cl
+        .controller
+        .create_volume(create_req(&c, &unique("fence"), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let publish = |node: &str, mode: Mode, readonly: bool| proto::ControllerPublishVolumeRequest {
         volume_id: v.volume_id.clone(),
         node_id: node.into(),
@@ -263,24 +489,46 @@ async fn a_single_node_volume_cannot_be_published_to_a_second_node() {
         secrets: c.secrets(),
         volume_context: Default::default(),
     };
-    let ctx = cl.controller.controller_publish_volume(publish(&a, Mode::SingleNodeWriter, false)).await.unwrap().into_inner();
+    let ctx = cl
+        .controller
+        .controller_publish_volume(publish(&a, Mode::SingleNodeWriter, false))
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(ctx.publish_context.get("attachedNode"), Some(&a));
     // Again, same node and mode: OK.
-    cl.controller.controller_publish_volume(publish(&a, Mode::SingleNodeWriter, false)).await.unwrap();
+    cl.controller
+        .controller_publish_volume(publish(&a, Mode::SingleNodeWriter, false))
+        .await
+        .unwrap();
     // Same node, now read-only: incompatible, AlreadyExists.
-    let e = cl.controller.controller_publish_volume(publish(&a, Mode::SingleNodeWriter, true)).await.unwrap_err();
+    let e = cl
+        .controller
+        .controller_publish_volume(publish(&a, Mode::SingleNodeWriter, true))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     // Another node: fenced.
-    let e = cl.controller.controller_publish_volume(publish(&b, Mode::SingleNodeWriter, false)).await.unwrap_err();
+    let e = cl
+        .controller
+        .controller_publish_volume(publish(&b, Mode::SingleNodeWriter, false))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(e.message().contains(&a));
     // An unknown node: NotFound.
-    let e = cl.controller.controller_publish_volume(publish("no-such-node", Mode::SingleNodeWriter, false)).await.unwrap_err();
+    let e = cl
+        .controller
+        .controller_publish_volume(publish("no-such-node", Mode::SingleNodeWriter, false))
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound);
     // The attachment is visible in ControllerGetVolume and ListVolumes.
     let got = cl
         .controller
-        .controller_get_volume(proto::ControllerGetVolumeRequest { volume_id: v.volume_id.clone() })
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: v.volume_id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -296,17 +544,36 @@ async fn a_single_node_volume_cannot_be_published_to_a_second_node() {
             .await
             .unwrap();
     }
-    cl.controller.controller_publish_volume(publish(&b, Mode::SingleNodeWriter, false)).await.unwrap();
     cl.controller
-        .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest { volume_id: v.volume_id.clone(), node_id: b, secrets: c.secrets() })
+        .controller_publish_volume(publish(&b, Mode::SingleNodeWriter, false))
+        .await
+        .unwrap();
+    cl.controller
+        .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            node_id: b,
+            secrets: c.secrets(),
+        })
         .await
         .unwrap();
     // Read-only-many may go to several nodes at once.
-    cl.controller.controller_publish_volume(publish(&a, Mode::MultiNodeReaderOnly, true)).await.unwrap();
+    cl.controller
+        .controller_publish_volume(publish(&a, Mode::MultiNodeReaderOnly, true))
+        .await
+        .unwrap();
     let c2 = unique("node-c");
     c.register_node(&c2);
-    cl.controller.controller_publish_volume(publish(&c2, Mode::MultiNodeReaderOnly, true)).await.unwrap();
-    cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id, secrets: c.secrets() }).await.unwrap();
+    cl.controller
+        .controller_publish_volume(publish(&c2, Mode::MultiNodeReaderOnly, true))
+        .await
+        .unwrap();
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -321,22 +588,41 @@ async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
         async move {
             let e = cl.controller.create_volume(req).await.expect_err(why);
             assert_eq!(e.code(), want, "{why}: {e:?}");
-            assert!(!e.message().contains(&key), "{why}: the key leaked into the message");
+            assert!(
+                !e.message().contains(&key),
+                "{why}: the key leaked into the message"
+            );
         }
     };
     check(create_req(&c, "", MIB), Code::InvalidArgument, "empty name").await;
-    check(create_req(&c, &"n".repeat(129), MIB), Code::InvalidArgument, "129-byte name").await;
+    check(
+        create_req(&c, &"n".repeat(129), MIB),
+        Code::InvalidArgument,
+        "129-byte name",
+    )
+    .await;
     let mut r = create_req(&c, &unique("bad"), MIB);
     r.parameters.insert("mkfsOptions".into(), "-E\u{7}".into());
     check(r, Code::InvalidArgument, "control character in a parameter").await;
     let mut r = create_req(&c, &unique("bad"), MIB);
-    r.parameters.insert("clusterID".into(), "no-such-cluster".into());
+    r.parameters
+        .insert("clusterID".into(), "no-such-cluster".into());
     check(r, Code::InvalidArgument, "unknown clusterID").await;
     let mut r = create_req(&c, &unique("bad"), MIB);
     r.parameters.insert("pool".into(), "nopool".into());
     check(r, Code::InvalidArgument, "unknown pool").await;
-    check(create_req(&c, &unique("bad"), -1), Code::InvalidArgument, "negative capacity").await;
-    check(create_req(&c, &unique("bad"), i64::MAX), Code::OutOfRange, "absurd capacity").await;
+    check(
+        create_req(&c, &unique("bad"), -1),
+        Code::InvalidArgument,
+        "negative capacity",
+    )
+    .await;
+    check(
+        create_req(&c, &unique("bad"), i64::MAX),
+        Code::OutOfRange,
+        "absurd capacity",
+    )
+    .await;
     let mut r = create_req(&c, &unique("bad"), MIB);
     r.secrets.clear();
     check(r, Code::InvalidArgument, "missing secrets").await;
@@ -344,8 +630,15 @@ async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
     r.secrets.insert("userKey".into(), "not base64!".into());
     check(r, Code::InvalidArgument, "malformed key").await;
     let mut r = create_req(&c, &unique("bad"), MIB);
-    let other_key = std::process::Command::new("ceph-authtool").arg("--gen-print-key").output().unwrap().stdout;
-    r.secrets.insert("userKey".into(), String::from_utf8(other_key).unwrap().trim().to_string());
+    let other_key = std::process::Command::new("ceph-authtool")
+        .arg("--gen-print-key")
+        .output()
+        .unwrap()
+        .stdout;
+    r.secrets.insert(
+        "userKey".into(),
+        String::from_utf8(other_key).unwrap().trim().to_string(),
+    );
     check(r, Code::PermissionDenied, "wrong key").await;
     let mut r = create_req(&c, &unique("bad"), MIB);
     r.volume_capabilities = vec![cap_with_mode(false, Mode::MultiNodeMultiWriter)];
@@ -358,10 +651,17 @@ async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
     let e = raw_create_with_invalid_utf8(&d.endpoint).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    assert_eq!(c.images().len(), images_before, "a refused request creates nothing");
+    assert_eq!(
+        c.images().len(),
+        images_before,
+        "a refused request creates nothing"
+    );
     let e = cl
         .controller
-        .list_volumes(proto::ListVolumesRequest { max_entries: 1, starting_token: "garbage".into() })
+        .list_volumes(proto::ListVolumesRequest {
+            max_entries: 1,
+            starting_token: "garbage".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Aborted);
@@ -385,20 +685,34 @@ async fn raw_create_with_invalid_utf8(endpoint: &str) -> tonic::Status {
         #[prost(bytes = "vec", tag = "1")]
         name: Vec<u8>,
     }
-    let client = rook_rbd::client::CsiClient::connect(endpoint).await.unwrap();
+    let client = rook_rbd::client::CsiClient::connect(endpoint)
+        .await
+        .unwrap();
     let channel = client.channel.clone();
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/csi.v1.Controller/CreateVolume");
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/csi.v1.Controller/CreateVolume");
     let codec = tonic_prost::ProstCodec::<RawCreate, proto::CreateVolumeResponse>::default();
-    grpc.unary(tonic::Request::new(RawCreate { name: vec![0xff, 0xfe, b'x'] }), path, codec).await.unwrap_err()
+    grpc.unary(
+        tonic::Request::new(RawCreate {
+            name: vec![0xff, 0xfe, b'x'],
+        }),
+        path,
+        codec,
+    )
+    .await
+    .unwrap_err()
 }
 
 #[tokio::test]
 async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns() {
     // Needs its own cluster: stopping the shared one would break the other tests.
     let Some(c) = cluster() else { return };
-    let own = tempfile::Builder::new().prefix("rook-rbd-probe").tempdir_in("/tmp").unwrap();
+    let own = tempfile::Builder::new()
+        .prefix("rook-rbd-probe")
+        .tempdir_in("/tmp")
+        .unwrap();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-dev.sh");
     let dev = |args: &[&str], keep: bool| {
         let st = std::process::Command::new("bash")
@@ -417,16 +731,41 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
     let c = Cluster {
         dir: own.path().to_path_buf(),
         fsid: {
-            let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(own.path().join("cluster-config.json")).unwrap()).unwrap();
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(own.path().join("cluster-config.json")).unwrap(),
+            )
+            .unwrap();
             cfg[0]["clusterID"].as_str().unwrap().to_string()
         },
-        key: std::fs::read_to_string(own.path().join("admin.key")).unwrap().trim().to_string(),
+        key: std::fs::read_to_string(own.path().join("admin.key"))
+            .unwrap()
+            .trim()
+            .to_string(),
     };
-    let d = Driver::start(&c, &["--controller", "--rados-osd-op-timeout", "3", "--rados-mon-op-timeout", "3", "--client-mount-timeout", "3"]);
+    let d = Driver::start(
+        &c,
+        &[
+            "--controller",
+            "--rados-osd-op-timeout",
+            "3",
+            "--rados-mon-op-timeout",
+            "3",
+            "--client-mount-timeout",
+            "3",
+        ],
+    );
     let mut cl = d.client().await;
     let ready = |cl: &mut rook_rbd::client::CsiClient| {
         let mut cl = cl.clone();
-        async move { cl.identity.probe(proto::ProbeRequest {}).await.unwrap().into_inner().ready.unwrap_or(false) }
+        async move {
+            cl.identity
+                .probe(proto::ProbeRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .ready
+                .unwrap_or(false)
+        }
     };
     let probe_cl = cl.clone();
     let wait_for = |want: bool| {
@@ -443,21 +782,46 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
         }
     };
     wait_for(true).await;
-    let v = cl.controller.create_volume(create_req(&c, &unique("outage"), 16 * MIB)).await.unwrap().into_inner().volume.unwrap();
+    let v = cl
+        .controller
+        .create_volume(create_req(&c, &unique("outage"), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
 
     dev(&["down"], true);
     wait_for(false).await;
     let t = std::time::Instant::now();
-    let e = cl.controller.create_volume(create_req(&c, &unique("outage"), 16 * MIB)).await.unwrap_err();
-    assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "{e:?}");
-    assert!(t.elapsed() < Duration::from_secs(10), "answered in {:?}, before a sidecar gives up", t.elapsed());
+    let e = cl
+        .controller
+        .create_volume(create_req(&c, &unique("outage"), 16 * MIB))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded),
+        "{e:?}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "answered in {:?}, before a sidecar gives up",
+        t.elapsed()
+    );
 
     dev(&["up"], false);
     wait_for(true).await;
     // Same process, no restart: works again.
     let mut last = None;
     for _ in 0..30 {
-        match cl.controller.delete_volume(proto::DeleteVolumeRequest { volume_id: v.volume_id.clone(), secrets: c.secrets() }).await {
+        match cl
+            .controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                secrets: c.secrets(),
+            })
+            .await
+        {
             Ok(_) => {
                 last = None;
                 break;
@@ -466,7 +830,10 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(last.is_none(), "the driver did not recover without a restart: {last:?}");
+    assert!(
+        last.is_none(),
+        "the driver did not recover without a restart: {last:?}"
+    );
     drop(d);
     dev(&["down"], false);
 }

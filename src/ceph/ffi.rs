@@ -100,18 +100,43 @@ pub struct rados_pool_stat_t {
 
 #[link(name = "rados")]
 extern "C" {
-    pub fn rados_create2(cluster: *mut rados_t, clustername: *const c_char, name: *const c_char, flags: u64) -> c_int;
+    pub fn rados_create2(
+        cluster: *mut rados_t,
+        clustername: *const c_char,
+        name: *const c_char,
+        flags: u64,
+    ) -> c_int;
     pub fn rados_conf_set(cluster: rados_t, option: *const c_char, value: *const c_char) -> c_int;
     pub fn rados_connect(cluster: rados_t) -> c_int;
     pub fn rados_shutdown(cluster: rados_t);
     pub fn rados_cluster_fsid(cluster: rados_t, buf: *mut c_char, len: size_t) -> c_int;
-    pub fn rados_ioctx_create(cluster: rados_t, pool: *const c_char, ioctx: *mut rados_ioctx_t) -> c_int;
+    pub fn rados_ioctx_create(
+        cluster: rados_t,
+        pool: *const c_char,
+        ioctx: *mut rados_ioctx_t,
+    ) -> c_int;
     pub fn rados_ioctx_destroy(io: rados_ioctx_t);
     pub fn rados_ioctx_set_namespace(io: rados_ioctx_t, nspace: *const c_char);
     pub fn rados_ioctx_pool_stat(io: rados_ioctx_t, stats: *mut rados_pool_stat_t) -> c_int;
-    pub fn rados_write_full(io: rados_ioctx_t, oid: *const c_char, buf: *const c_char, len: size_t) -> c_int;
-    pub fn rados_read(io: rados_ioctx_t, oid: *const c_char, buf: *mut c_char, len: size_t, off: u64) -> c_int;
-    pub fn rados_stat(io: rados_ioctx_t, oid: *const c_char, psize: *mut u64, pmtime: *mut time_t) -> c_int;
+    pub fn rados_write_full(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *const c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_read(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+        off: u64,
+    ) -> c_int;
+    pub fn rados_stat(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        psize: *mut u64,
+        pmtime: *mut time_t,
+    ) -> c_int;
     pub fn rados_remove(io: rados_ioctx_t, oid: *const c_char) -> c_int;
     pub fn rados_mon_command(
         cluster: rados_t,
@@ -131,9 +156,22 @@ extern "C" {
 extern "C" {
     pub fn rbd_image_options_create(opts: *mut rbd_image_options_t);
     pub fn rbd_image_options_destroy(opts: rbd_image_options_t);
-    pub fn rbd_image_options_set_string(opts: rbd_image_options_t, optname: c_int, optval: *const c_char) -> c_int;
-    pub fn rbd_image_options_set_uint64(opts: rbd_image_options_t, optname: c_int, optval: u64) -> c_int;
-    pub fn rbd_create4(io: rados_ioctx_t, name: *const c_char, size: u64, opts: rbd_image_options_t) -> c_int;
+    pub fn rbd_image_options_set_string(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: *const c_char,
+    ) -> c_int;
+    pub fn rbd_image_options_set_uint64(
+        opts: rbd_image_options_t,
+        optname: c_int,
+        optval: u64,
+    ) -> c_int;
+    pub fn rbd_create4(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        size: u64,
+        opts: rbd_image_options_t,
+    ) -> c_int;
     pub fn rbd_clone3(
         p_ioctx: rados_ioctx_t,
         p_name: *const c_char,
@@ -143,16 +181,39 @@ extern "C" {
         c_opts: rbd_image_options_t,
     ) -> c_int;
     pub fn rbd_remove(io: rados_ioctx_t, name: *const c_char) -> c_int;
-    pub fn rbd_list2(io: rados_ioctx_t, images: *mut rbd_image_spec_t, max_images: *mut size_t) -> c_int;
+    pub fn rbd_list2(
+        io: rados_ioctx_t,
+        images: *mut rbd_image_spec_t,
+        max_images: *mut size_t,
+    ) -> c_int;
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: size_t);
     pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
-    pub fn rbd_trash_list(io: rados_ioctx_t, entries: *mut rbd_trash_image_info_t, num: *mut size_t) -> c_int;
+    pub fn rbd_trash_list(
+        io: rados_ioctx_t,
+        entries: *mut rbd_trash_image_info_t,
+        num: *mut size_t,
+    ) -> c_int;
     pub fn rbd_trash_list_cleanup(entries: *mut rbd_trash_image_info_t, num: size_t);
 
-    pub fn rbd_open(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap: *const c_char) -> c_int;
-    pub fn rbd_open_read_only(io: rados_ioctx_t, name: *const c_char, image: *mut rbd_image_t, snap: *const c_char) -> c_int;
-    pub fn rbd_open_by_id(io: rados_ioctx_t, id: *const c_char, image: *mut rbd_image_t, snap: *const c_char) -> c_int;
+    pub fn rbd_open(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_read_only(
+        io: rados_ioctx_t,
+        name: *const c_char,
+        image: *mut rbd_image_t,
+        snap: *const c_char,
+    ) -> c_int;
+    pub fn rbd_open_by_id(
+        io: rados_ioctx_t,
+        id: *const c_char,
+        image: *mut rbd_image_t,
+        snap: *const c_char,
+    ) -> c_int;
     pub fn rbd_close(image: rbd_image_t) -> c_int;
     pub fn rbd_stat(image: rbd_image_t, info: *mut rbd_image_info_t, infosize: size_t) -> c_int;
     pub fn rbd_get_id(image: rbd_image_t, id: *mut c_char, id_len: size_t) -> c_int;
@@ -161,17 +222,35 @@ extern "C" {
     pub fn rbd_flatten(image: rbd_image_t) -> c_int;
     pub fn rbd_snap_create(image: rbd_image_t, name: *const c_char) -> c_int;
     pub fn rbd_snap_remove(image: rbd_image_t, name: *const c_char) -> c_int;
-    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int) -> c_int;
+    pub fn rbd_snap_list(image: rbd_image_t, snaps: *mut rbd_snap_info_t, max: *mut c_int)
+        -> c_int;
     pub fn rbd_snap_list_end(snaps: *mut rbd_snap_info_t);
     pub fn rbd_snap_get_timestamp(image: rbd_image_t, snap_id: u64, ts: *mut timespec) -> c_int;
-    pub fn rbd_get_parent(image: rbd_image_t, parent: *mut rbd_linked_image_spec_t, snap: *mut rbd_snap_spec_t) -> c_int;
+    pub fn rbd_get_parent(
+        image: rbd_image_t,
+        parent: *mut rbd_linked_image_spec_t,
+        snap: *mut rbd_snap_spec_t,
+    ) -> c_int;
     pub fn rbd_linked_image_spec_cleanup(spec: *mut rbd_linked_image_spec_t);
     pub fn rbd_snap_spec_cleanup(spec: *mut rbd_snap_spec_t);
-    pub fn rbd_list_children3(image: rbd_image_t, images: *mut rbd_linked_image_spec_t, max: *mut size_t) -> c_int;
+    pub fn rbd_list_children3(
+        image: rbd_image_t,
+        images: *mut rbd_linked_image_spec_t,
+        max: *mut size_t,
+    ) -> c_int;
     pub fn rbd_linked_image_spec_list_cleanup(images: *mut rbd_linked_image_spec_t, num: size_t);
-    pub fn rbd_metadata_get(image: rbd_image_t, key: *const c_char, value: *mut c_char, len: *mut size_t) -> c_int;
+    pub fn rbd_metadata_get(
+        image: rbd_image_t,
+        key: *const c_char,
+        value: *mut c_char,
+        len: *mut size_t,
+    ) -> c_int;
     pub fn rbd_metadata_set(image: rbd_image_t, key: *const c_char, value: *const c_char) -> c_int;
     pub fn rbd_metadata_remove(image: rbd_image_t, key: *const c_char) -> c_int;
-    pub fn rbd_watchers_list(image: rbd_image_t, watchers: *mut rbd_image_watcher_t, max: *mut size_t) -> c_int;
+    pub fn rbd_watchers_list(
+        image: rbd_image_t,
+        watchers: *mut rbd_image_watcher_t,
+        max: *mut size_t,
+    ) -> c_int;
     pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num: size_t);
 }

@@ -28,13 +28,21 @@ pub struct CephError {
 impl fmt::Display for CephError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let msg = std::io::Error::from_raw_os_error(self.errno);
-        write!(f, "{} {}: {} (errno {})", self.op, self.target, msg, self.errno)
+        write!(
+            f,
+            "{} {}: {} (errno {})",
+            self.op, self.target, msg, self.errno
+        )
     }
 }
 
 impl CephError {
     pub fn new(op: &'static str, target: impl Into<String>, ret: i32) -> Self {
-        Self { op, target: target.into(), errno: ret.saturating_abs() }
+        Self {
+            op,
+            target: target.into(),
+            errno: ret.saturating_abs(),
+        }
     }
 
     pub fn is(&self, errno: i32) -> bool {

@@ -23,7 +23,11 @@ pub struct CephTimeouts {
 impl Default for CephTimeouts {
     fn default() -> Self {
         // Below the CSI sidecars' default 10-15 s timeouts, so we answer before they give up.
-        Self { osd_op: Duration::from_secs(8), mon_op: Duration::from_secs(8), mount: Duration::from_secs(8) }
+        Self {
+            osd_op: Duration::from_secs(8),
+            mon_op: Duration::from_secs(8),
+            mount: Duration::from_secs(8),
+        }
     }
 }
 
@@ -52,7 +56,11 @@ pub struct ConnectionPool {
 
 impl ConnectionPool {
     pub fn new(timeouts: CephTimeouts) -> Self {
-        Self { slots: Mutex::new(HashMap::new()), timeouts, stats: PoolStats::default() }
+        Self {
+            slots: Mutex::new(HashMap::new()),
+            timeouts,
+            stats: PoolStats::default(),
+        }
     }
 
     pub fn timeouts(&self) -> CephTimeouts {
@@ -62,7 +70,13 @@ impl ConnectionPool {
     /// The pooled connection for these credentials, connecting once if there is none.
     /// Concurrent callers with the same key wait for the same connect; a failed connect is not
     /// cached, so the next call tries again (the cluster may be back).
-    pub async fn get(&self, cluster: &str, monitors: &[String], user: &str, key: &Secret) -> Result<Arc<Connection>> {
+    pub async fn get(
+        &self,
+        cluster: &str,
+        monitors: &[String],
+        user: &str,
+        key: &Secret,
+    ) -> Result<Arc<Connection>> {
         let pk = PoolKey {
             cluster: cluster.to_string(),
             user: user.to_string(),
@@ -84,7 +98,9 @@ impl ConnectionPool {
         let stats = &self.stats;
         slot.get_or_try_init(|| async move {
             stats.connects.fetch_add(1, Ordering::Relaxed);
-            let res = blocking(move || Connection::connect(&params)).await.map(Arc::new);
+            let res = blocking(move || Connection::connect(&params))
+                .await
+                .map(Arc::new);
             if res.is_err() {
                 stats.connect_failures.fetch_add(1, Ordering::Relaxed);
             }
@@ -96,7 +112,12 @@ impl ConnectionPool {
 
     /// Connections currently held.
     pub fn size(&self) -> usize {
-        self.slots.lock().unwrap().values().filter(|s| s.initialized()).count()
+        self.slots
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|s| s.initialized())
+            .count()
     }
 
     /// Every live connection, for health checks.
@@ -118,7 +139,11 @@ where
 {
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
-        Err(e) => Err(CephError { op: "blocking task", target: e.to_string(), errno: libc::EIO }),
+        Err(e) => Err(CephError {
+            op: "blocking task",
+            target: e.to_string(),
+            errno: libc::EIO,
+        }),
     }
 }
 

@@ -70,14 +70,22 @@ impl Connection {
         let key = std::ffi::CString::new(p.key.expose())
             .map_err(|_| CephError::new("rados_conf_set", "key", -libc::EINVAL))?;
         let opt = cstr("rados_conf_set", "key")?;
-        check("rados_conf_set", "key", unsafe { ffi::rados_conf_set(handle.0, opt.as_ptr(), key.as_ptr()) })?;
-        check("rados_connect", &who, unsafe { ffi::rados_connect(handle.0) })?;
+        check("rados_conf_set", "key", unsafe {
+            ffi::rados_conf_set(handle.0, opt.as_ptr(), key.as_ptr())
+        })?;
+        check("rados_connect", &who, unsafe {
+            ffi::rados_connect(handle.0)
+        })?;
         let mut buf = [0 as libc::c_char; 64];
         let fsid = match unsafe { ffi::rados_cluster_fsid(handle.0, buf.as_mut_ptr(), buf.len()) } {
             n if n >= 0 => unsafe { owned(buf.as_ptr()) },
             _ => String::new(),
         };
-        Ok(Connection { handle: Arc::new(handle), ioctxs: Mutex::new(HashMap::new()), fsid })
+        Ok(Connection {
+            handle: Arc::new(handle),
+            ioctxs: Mutex::new(HashMap::new()),
+            fsid,
+        })
     }
 
     pub fn fsid(&self) -> &str {
@@ -94,7 +102,11 @@ impl Connection {
         check("rados_ioctx_create", pool, unsafe {
             ffi::rados_ioctx_create(self.handle.0, name.as_ptr(), &mut raw)
         })?;
-        let io = Arc::new(IoCtx { raw, pool: pool.to_string(), _cluster: self.handle.clone() });
+        let io = Arc::new(IoCtx {
+            raw,
+            pool: pool.to_string(),
+            _cluster: self.handle.clone(),
+        });
         let mut map = self.ioctxs.lock().unwrap();
         Ok(map.entry(pool.to_string()).or_insert(io).clone())
     }
@@ -145,7 +157,9 @@ impl Connection {
 fn set_conf(h: &ClusterHandle, k: &str, v: &str) -> Result<()> {
     let key = cstr("rados_conf_set", k)?;
     let val = cstr("rados_conf_set", v)?;
-    check("rados_conf_set", k, unsafe { ffi::rados_conf_set(h.0, key.as_ptr(), val.as_ptr()) })?;
+    check("rados_conf_set", k, unsafe {
+        ffi::rados_conf_set(h.0, key.as_ptr(), val.as_ptr())
+    })?;
     Ok(())
 }
 
@@ -177,7 +191,12 @@ impl IoCtx {
     pub fn write_full(&self, oid: &str, data: &[u8]) -> Result<()> {
         let o = cstr("rados_write_full", oid)?;
         check("rados_write_full", &self.target(oid), unsafe {
-            ffi::rados_write_full(self.raw, o.as_ptr(), data.as_ptr() as *const libc::c_char, data.len())
+            ffi::rados_write_full(
+                self.raw,
+                o.as_ptr(),
+                data.as_ptr() as *const libc::c_char,
+                data.len(),
+            )
         })?;
         Ok(())
     }
@@ -186,7 +205,15 @@ impl IoCtx {
     pub fn read_small(&self, oid: &str) -> Result<Option<Vec<u8>>> {
         let o = cstr("rados_read", oid)?;
         let mut buf = vec![0u8; 64 * 1024];
-        let n = unsafe { ffi::rados_read(self.raw, o.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len(), 0) };
+        let n = unsafe {
+            ffi::rados_read(
+                self.raw,
+                o.as_ptr(),
+                buf.as_mut_ptr() as *mut libc::c_char,
+                buf.len(),
+                0,
+            )
+        };
         if n == -libc::ENOENT {
             return Ok(None);
         }

@@ -25,7 +25,11 @@ impl ImageOptions {
         let mut raw = ptr::null_mut();
         unsafe { ffi::rbd_image_options_create(&mut raw) };
         let opts = Options(raw);
-        let set_u64 = |k, v| check(op, "image options", unsafe { ffi::rbd_image_options_set_uint64(opts.0, k, v) });
+        let set_u64 = |k, v| {
+            check(op, "image options", unsafe {
+                ffi::rbd_image_options_set_uint64(opts.0, k, v)
+            })
+        };
         if clone {
             set_u64(ffi::RBD_IMAGE_OPTION_CLONE_FORMAT, 2)?;
         } else {
@@ -38,7 +42,11 @@ impl ImageOptions {
         if let Some(dp) = &self.data_pool {
             let v = cstr(op, dp)?;
             check(op, "data pool", unsafe {
-                ffi::rbd_image_options_set_string(opts.0, ffi::RBD_IMAGE_OPTION_DATA_POOL, v.as_ptr())
+                ffi::rbd_image_options_set_string(
+                    opts.0,
+                    ffi::RBD_IMAGE_OPTION_DATA_POOL,
+                    v.as_ptr(),
+                )
             })?;
         }
         Ok(opts)
@@ -80,33 +88,56 @@ impl IoCtx {
     pub fn create_image(&self, name: &str, size: u64, opts: &ImageOptions) -> Result<()> {
         let n = cstr("rbd_create4", name)?;
         let o = opts.build("rbd_create4", false)?;
-        check("rbd_create4", &self.target(name), unsafe { ffi::rbd_create4(self.raw, n.as_ptr(), size, o.0) })?;
+        check("rbd_create4", &self.target(name), unsafe {
+            ffi::rbd_create4(self.raw, n.as_ptr(), size, o.0)
+        })?;
         Ok(())
     }
 
     /// Clone `parent@snap` (in this pool) into `child` in `child_io` (clone v2: no protect needed).
-    pub fn clone_image(&self, parent: &str, snap: &str, child_io: &IoCtx, child: &str, opts: &ImageOptions) -> Result<()> {
+    pub fn clone_image(
+        &self,
+        parent: &str,
+        snap: &str,
+        child_io: &IoCtx,
+        child: &str,
+        opts: &ImageOptions,
+    ) -> Result<()> {
         let p = cstr("rbd_clone3", parent)?;
         let s = cstr("rbd_clone3", snap)?;
         let c = cstr("rbd_clone3", child)?;
         let o = opts.build("rbd_clone3", true)?;
         check("rbd_clone3", &child_io.target(child), unsafe {
-            ffi::rbd_clone3(self.raw, p.as_ptr(), s.as_ptr(), child_io.raw, c.as_ptr(), o.0)
+            ffi::rbd_clone3(
+                self.raw,
+                p.as_ptr(),
+                s.as_ptr(),
+                child_io.raw,
+                c.as_ptr(),
+                o.0,
+            )
         })?;
         Ok(())
     }
 
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_remove", name)?;
-        check("rbd_remove", &self.target(name), unsafe { ffi::rbd_remove(self.raw, n.as_ptr()) })?;
+        check("rbd_remove", &self.target(name), unsafe {
+            ffi::rbd_remove(self.raw, n.as_ptr())
+        })?;
         Ok(())
     }
 
     pub fn open_image(&self, name: &str) -> Result<Image> {
         let n = cstr("rbd_open", name)?;
         let mut raw = ptr::null_mut();
-        check("rbd_open", &self.target(name), unsafe { ffi::rbd_open(self.raw, n.as_ptr(), &mut raw, ptr::null()) })?;
-        Ok(Image { raw, name: self.target(name) })
+        check("rbd_open", &self.target(name), unsafe {
+            ffi::rbd_open(self.raw, n.as_ptr(), &mut raw, ptr::null())
+        })?;
+        Ok(Image {
+            raw,
+            name: self.target(name),
+        })
     }
 
     /// Opens without registering a watch, so `watchers()` sees only other clients.
@@ -116,7 +147,10 @@ impl IoCtx {
         check("rbd_open_read_only", &self.target(name), unsafe {
             ffi::rbd_open_read_only(self.raw, n.as_ptr(), &mut raw, ptr::null())
         })?;
-        Ok(Image { raw, name: self.target(name) })
+        Ok(Image {
+            raw,
+            name: self.target(name),
+        })
     }
 
     pub fn open_image_by_id(&self, id: &str) -> Result<Image> {
@@ -125,7 +159,10 @@ impl IoCtx {
         check("rbd_open_by_id", &self.target(id), unsafe {
             ffi::rbd_open_by_id(self.raw, n.as_ptr(), &mut raw, ptr::null())
         })?;
-        Ok(Image { raw, name: self.target(id) })
+        Ok(Image {
+            raw,
+            name: self.target(id),
+        })
     }
 
     /// All image names in the pool (not the trash).
@@ -139,7 +176,7 @@ impl IoCtx {
                 max = n.max(max * 2);
                 continue;
             }
-            check("rbd_list2", &self.pool().to_string(), ret)?;
+            check("rbd_list2", self.pool(), ret)?;
             unsafe { specs.set_len(n) };
             let names = specs.iter().map(|s| unsafe { owned(s.name) }).collect();
             unsafe { ffi::rbd_image_spec_list_cleanup(specs.as_mut_ptr(), n) };
@@ -149,13 +186,17 @@ impl IoCtx {
 
     pub fn trash_move(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_trash_move", name)?;
-        check("rbd_trash_move", &self.target(name), unsafe { ffi::rbd_trash_move(self.raw, n.as_ptr(), 0) })?;
+        check("rbd_trash_move", &self.target(name), unsafe {
+            ffi::rbd_trash_move(self.raw, n.as_ptr(), 0)
+        })?;
         Ok(())
     }
 
     pub fn trash_remove(&self, id: &str) -> Result<()> {
         let n = cstr("rbd_trash_remove", id)?;
-        check("rbd_trash_remove", &self.target(id), unsafe { ffi::rbd_trash_remove(self.raw, n.as_ptr(), true) })?;
+        check("rbd_trash_remove", &self.target(id), unsafe {
+            ffi::rbd_trash_remove(self.raw, n.as_ptr(), true)
+        })?;
         Ok(())
     }
 
@@ -169,11 +210,15 @@ impl IoCtx {
                 max = n.max(max * 2);
                 continue;
             }
-            let count = check("rbd_trash_list", &self.pool().to_string(), ret)? as usize;
+            let count = check("rbd_trash_list", self.pool(), ret)? as usize;
             unsafe { entries.set_len(count) };
             let out = entries
                 .iter()
-                .map(|e| TrashEntry { id: unsafe { owned(e.id) }, name: unsafe { owned(e.name) }, source: e.source })
+                .map(|e| TrashEntry {
+                    id: unsafe { owned(e.id) },
+                    name: unsafe { owned(e.name) },
+                    source: e.source,
+                })
                 .collect();
             unsafe { ffi::rbd_trash_list_cleanup(entries.as_mut_ptr(), count) };
             return Ok(out);
@@ -182,7 +227,9 @@ impl IoCtx {
 
     pub fn pool_stat(&self) -> Result<ffi::rados_pool_stat_t> {
         let mut st = ffi::rados_pool_stat_t::default();
-        check("rados_ioctx_pool_stat", self.pool(), unsafe { ffi::rados_ioctx_pool_stat(self.raw, &mut st) })?;
+        check("rados_ioctx_pool_stat", self.pool(), unsafe {
+            ffi::rados_ioctx_pool_stat(self.raw, &mut st)
+        })?;
         Ok(st)
     }
 }
@@ -216,40 +263,58 @@ impl Image {
 
     pub fn size(&self) -> Result<u64> {
         let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
-        self.check("rbd_stat", unsafe { ffi::rbd_stat(self.raw, &mut info, std::mem::size_of::<ffi::rbd_image_info_t>()) })?;
+        self.check("rbd_stat", unsafe {
+            ffi::rbd_stat(
+                self.raw,
+                &mut info,
+                std::mem::size_of::<ffi::rbd_image_info_t>(),
+            )
+        })?;
         Ok(info.size)
     }
 
     pub fn id(&self) -> Result<String> {
         let mut buf = [0 as libc::c_char; 64];
-        self.check("rbd_get_id", unsafe { ffi::rbd_get_id(self.raw, buf.as_mut_ptr(), buf.len()) })?;
+        self.check("rbd_get_id", unsafe {
+            ffi::rbd_get_id(self.raw, buf.as_mut_ptr(), buf.len())
+        })?;
         Ok(unsafe { owned(buf.as_ptr()) })
     }
 
     pub fn features(&self) -> Result<u64> {
         let mut f = 0u64;
-        self.check("rbd_get_features", unsafe { ffi::rbd_get_features(self.raw, &mut f) })?;
+        self.check("rbd_get_features", unsafe {
+            ffi::rbd_get_features(self.raw, &mut f)
+        })?;
         Ok(f)
     }
 
     pub fn resize(&self, size: u64) -> Result<()> {
-        self.check("rbd_resize", unsafe { ffi::rbd_resize(self.raw, size) }).map(|_| ())
+        self.check("rbd_resize", unsafe { ffi::rbd_resize(self.raw, size) })
+            .map(|_| ())
     }
 
     pub fn flatten(&self) -> Result<()> {
-        self.check("rbd_flatten", unsafe { ffi::rbd_flatten(self.raw) }).map(|_| ())
+        self.check("rbd_flatten", unsafe { ffi::rbd_flatten(self.raw) })
+            .map(|_| ())
     }
 
     pub fn snap_create(&self, snap: &str) -> Result<()> {
         let s = cstr("rbd_snap_create", snap)?;
-        self.check("rbd_snap_create", unsafe { ffi::rbd_snap_create(self.raw, s.as_ptr()) }).map(|_| ())
+        self.check("rbd_snap_create", unsafe {
+            ffi::rbd_snap_create(self.raw, s.as_ptr())
+        })
+        .map(|_| ())
     }
 
     /// Removes a snapshot. With clone v2, a snapshot that still has clones moves to the trash
     /// namespace and disappears by itself when its last clone goes.
     pub fn snap_remove(&self, snap: &str) -> Result<()> {
         let s = cstr("rbd_snap_remove", snap)?;
-        self.check("rbd_snap_remove", unsafe { ffi::rbd_snap_remove(self.raw, s.as_ptr()) }).map(|_| ())
+        self.check("rbd_snap_remove", unsafe {
+            ffi::rbd_snap_remove(self.raw, s.as_ptr())
+        })
+        .map(|_| ())
     }
 
     /// User-namespace snapshots.
@@ -267,7 +332,11 @@ impl Image {
             unsafe { v.set_len(count) };
             let out = v
                 .iter()
-                .map(|s| SnapInfo { id: s.id, size: s.size, name: unsafe { owned(s.name) } })
+                .map(|s| SnapInfo {
+                    id: s.id,
+                    size: s.size,
+                    name: unsafe { owned(s.name) },
+                })
                 .collect();
             unsafe { ffi::rbd_snap_list_end(v.as_mut_ptr()) };
             return Ok(out);
@@ -275,8 +344,13 @@ impl Image {
     }
 
     pub fn snap_timestamp(&self, snap_id: u64) -> Result<(i64, i32)> {
-        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        self.check("rbd_snap_get_timestamp", unsafe { ffi::rbd_snap_get_timestamp(self.raw, snap_id, &mut ts) })?;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        self.check("rbd_snap_get_timestamp", unsafe {
+            ffi::rbd_snap_get_timestamp(self.raw, snap_id, &mut ts)
+        })?;
         Ok((ts.tv_sec, ts.tv_nsec as i32))
     }
 
@@ -339,7 +413,14 @@ impl Image {
         loop {
             let mut buf = vec![0u8; len];
             let mut n = len;
-            let ret = unsafe { ffi::rbd_metadata_get(self.raw, k.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, &mut n) };
+            let ret = unsafe {
+                ffi::rbd_metadata_get(
+                    self.raw,
+                    k.as_ptr(),
+                    buf.as_mut_ptr() as *mut libc::c_char,
+                    &mut n,
+                )
+            };
             match ret {
                 r if r == -libc::ENOENT => return Ok(None),
                 r if r == -libc::ERANGE => {
@@ -358,7 +439,10 @@ impl Image {
     pub fn metadata_set(&self, key: &str, value: &str) -> Result<()> {
         let k = cstr("rbd_metadata_set", key)?;
         let v = cstr("rbd_metadata_set", value)?;
-        self.check("rbd_metadata_set", unsafe { ffi::rbd_metadata_set(self.raw, k.as_ptr(), v.as_ptr()) }).map(|_| ())
+        self.check("rbd_metadata_set", unsafe {
+            ffi::rbd_metadata_set(self.raw, k.as_ptr(), v.as_ptr())
+        })
+        .map(|_| ())
     }
 
     pub fn metadata_remove(&self, key: &str) -> Result<()> {

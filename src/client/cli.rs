@@ -138,15 +138,21 @@ pub enum Call {
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
-    s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| format!("{s:?} is not key=value"))
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not key=value"))
 }
 
 /// `1G`, `1Gi`, `512M`, `4096`: binary units either way, as Kubernetes users expect from `Gi`.
 pub fn parse_size(s: &str) -> anyhow::Result<i64> {
     let s = s.trim();
     let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();
-    let unit = s[digits.len()..].trim_end_matches(['i', 'B']).to_ascii_uppercase();
-    let n: i64 = digits.parse().map_err(|_| anyhow::anyhow!("size {s:?}: expected a number with an optional unit"))?;
+    let unit = s[digits.len()..]
+        .trim_end_matches(['i', 'B'])
+        .to_ascii_uppercase();
+    let n: i64 = digits
+        .parse()
+        .map_err(|_| anyhow::anyhow!("size {s:?}: expected a number with an optional unit"))?;
     let mult: i64 = match unit.as_str() {
         "" => 1,
         "K" => 1 << 10,
@@ -155,7 +161,8 @@ pub fn parse_size(s: &str) -> anyhow::Result<i64> {
         "T" => 1 << 40,
         _ => anyhow::bail!("size {s:?}: unknown unit"),
     };
-    n.checked_mul(mult).ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))
+    n.checked_mul(mult)
+        .ok_or_else(|| anyhow::anyhow!("size {s:?} is too large"))
 }
 
 pub fn capability(block: bool, fs: &str, readonly_many: bool) -> proto::VolumeCapability {
@@ -164,10 +171,17 @@ pub fn capability(block: bool, fs: &str, readonly_many: bool) -> proto::VolumeCa
         access_type: Some(if block {
             volume_capability::AccessType::Block(Default::default())
         } else {
-            volume_capability::AccessType::Mount(volume_capability::MountVolume { fs_type: fs.to_string(), ..Default::default() })
+            volume_capability::AccessType::Mount(volume_capability::MountVolume {
+                fs_type: fs.to_string(),
+                ..Default::default()
+            })
         }),
         access_mode: Some(volume_capability::AccessMode {
-            mode: if readonly_many { Mode::MultiNodeReaderOnly } else { Mode::SingleNodeWriter } as i32,
+            mode: if readonly_many {
+                Mode::MultiNodeReaderOnly
+            } else {
+                Mode::SingleNodeWriter
+            } as i32,
         }),
     }
 }
@@ -177,7 +191,13 @@ pub fn read_secrets(dir: &Option<PathBuf>) -> anyhow::Result<HashMap<String, Str
     if let Some(d) = dir {
         for k in ["userID", "userKey"] {
             let p = d.join(k);
-            m.insert(k.to_string(), std::fs::read_to_string(&p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?.trim().to_string());
+            m.insert(
+                k.to_string(),
+                std::fs::read_to_string(&p)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?
+                    .trim()
+                    .to_string(),
+            );
         }
     }
     Ok(m)
@@ -189,26 +209,55 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
     let t = Instant::now();
     let what = match a.call {
         Call::Probe => {
-            let info = c.identity.get_plugin_info(proto::GetPluginInfoRequest {}).await?.into_inner();
-            let ready = c.identity.probe(proto::ProbeRequest {}).await?.into_inner().ready;
-            println!("{} {} ready={}", info.name, info.vendor_version, ready.unwrap_or(false));
+            let info = c
+                .identity
+                .get_plugin_info(proto::GetPluginInfoRequest {})
+                .await?
+                .into_inner();
+            let ready = c
+                .identity
+                .probe(proto::ProbeRequest {})
+                .await?
+                .into_inner()
+                .ready;
+            println!(
+                "{} {} ready={}",
+                info.name,
+                info.vendor_version,
+                ready.unwrap_or(false)
+            );
             "probe"
         }
-        Call::Create { name, size, params, from_snapshot, from_volume, block } => {
+        Call::Create {
+            name,
+            size,
+            params,
+            from_snapshot,
+            from_volume,
+            block,
+        } => {
             let source = match (from_snapshot, from_volume) {
-                (Some(s), _) => Some(volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: s })),
-                (_, Some(v)) => Some(volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: v })),
+                (Some(s), _) => Some(volume_content_source::Type::Snapshot(
+                    volume_content_source::SnapshotSource { snapshot_id: s },
+                )),
+                (_, Some(v)) => Some(volume_content_source::Type::Volume(
+                    volume_content_source::VolumeSource { volume_id: v },
+                )),
                 _ => None,
             };
             let v = c
                 .controller
                 .create_volume(proto::CreateVolumeRequest {
                     name,
-                    capacity_range: Some(proto::CapacityRange { required_bytes: parse_size(&size)?, limit_bytes: 0 }),
+                    capacity_range: Some(proto::CapacityRange {
+                        required_bytes: parse_size(&size)?,
+                        limit_bytes: 0,
+                    }),
                     volume_capabilities: vec![capability(block, "ext4", false)],
                     parameters: params.into_iter().collect(),
                     secrets: secrets.clone(),
-                    volume_content_source: source.map(|t| proto::VolumeContentSource { r#type: Some(t) }),
+                    volume_content_source: source
+                        .map(|t| proto::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await?
@@ -222,7 +271,9 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             "CreateVolume"
         }
         Call::Delete { volume_id } => {
-            c.controller.delete_volume(proto::DeleteVolumeRequest { volume_id, secrets }).await?;
+            c.controller
+                .delete_volume(proto::DeleteVolumeRequest { volume_id, secrets })
+                .await?;
             "DeleteVolume"
         }
         Call::List { max } => {
@@ -230,12 +281,18 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             loop {
                 let r = c
                     .controller
-                    .list_volumes(proto::ListVolumesRequest { max_entries: max, starting_token: token.clone() })
+                    .list_volumes(proto::ListVolumesRequest {
+                        max_entries: max,
+                        starting_token: token.clone(),
+                    })
                     .await?
                     .into_inner();
                 for e in r.entries {
                     let v = e.volume.unwrap_or_default();
-                    let nodes = e.status.map(|s| s.published_node_ids.join(",")).unwrap_or_default();
+                    let nodes = e
+                        .status
+                        .map(|s| s.published_node_ids.join(","))
+                        .unwrap_or_default();
                     println!("{}\t{}\t{}", v.volume_id, v.capacity_bytes, nodes);
                 }
                 if r.next_token.is_empty() {
@@ -250,19 +307,30 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
                 .controller
                 .controller_expand_volume(proto::ControllerExpandVolumeRequest {
                     volume_id,
-                    capacity_range: Some(proto::CapacityRange { required_bytes: parse_size(&size)?, limit_bytes: 0 }),
+                    capacity_range: Some(proto::CapacityRange {
+                        required_bytes: parse_size(&size)?,
+                        limit_bytes: 0,
+                    }),
                     secrets,
                     volume_capability: None,
                 })
                 .await?
                 .into_inner();
-            println!("{} node_expansion_required={}", r.capacity_bytes, r.node_expansion_required);
+            println!(
+                "{} node_expansion_required={}",
+                r.capacity_bytes, r.node_expansion_required
+            );
             "ControllerExpandVolume"
         }
         Call::Snapshot { name, source } => {
             let s = c
                 .controller
-                .create_snapshot(proto::CreateSnapshotRequest { source_volume_id: source, name, secrets, parameters: Default::default() })
+                .create_snapshot(proto::CreateSnapshotRequest {
+                    source_volume_id: source,
+                    name,
+                    secrets,
+                    parameters: Default::default(),
+                })
                 .await?
                 .into_inner()
                 .snapshot
@@ -271,22 +339,39 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             "CreateSnapshot"
         }
         Call::DeleteSnapshot { snapshot_id } => {
-            c.controller.delete_snapshot(proto::DeleteSnapshotRequest { snapshot_id, secrets }).await?;
+            c.controller
+                .delete_snapshot(proto::DeleteSnapshotRequest {
+                    snapshot_id,
+                    secrets,
+                })
+                .await?;
             "DeleteSnapshot"
         }
         Call::ListSnapshots { source } => {
             let r = c
                 .controller
-                .list_snapshots(proto::ListSnapshotsRequest { source_volume_id: source, secrets, ..Default::default() })
+                .list_snapshots(proto::ListSnapshotsRequest {
+                    source_volume_id: source,
+                    secrets,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             for e in r.entries {
                 let s = e.snapshot.unwrap_or_default();
-                println!("{}\t{}\t{}", s.snapshot_id, s.size_bytes, s.source_volume_id);
+                println!(
+                    "{}\t{}\t{}",
+                    s.snapshot_id, s.size_bytes, s.source_volume_id
+                );
             }
             "ListSnapshots"
         }
-        Call::Publish { volume_id, node, readonly, block } => {
+        Call::Publish {
+            volume_id,
+            node,
+            readonly,
+            block,
+        } => {
             let r = c
                 .controller
                 .controller_publish_volume(proto::ControllerPublishVolumeRequest {
@@ -306,11 +391,21 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
         }
         Call::Unpublish { volume_id, node } => {
             c.controller
-                .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest { volume_id, node_id: node, secrets })
+                .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+                    volume_id,
+                    node_id: node,
+                    secrets,
+                })
                 .await?;
             "ControllerUnpublishVolume"
         }
-        Call::Stage { volume_id, staging_path, block, fs, context } => {
+        Call::Stage {
+            volume_id,
+            staging_path,
+            block,
+            fs,
+            context,
+        } => {
             c.node
                 .node_stage_volume(proto::NodeStageVolumeRequest {
                     volume_id,
@@ -323,11 +418,26 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
                 .await?;
             "NodeStageVolume"
         }
-        Call::Unstage { volume_id, staging_path } => {
-            c.node.node_unstage_volume(proto::NodeUnstageVolumeRequest { volume_id, staging_target_path: staging_path }).await?;
+        Call::Unstage {
+            volume_id,
+            staging_path,
+        } => {
+            c.node
+                .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+                    volume_id,
+                    staging_target_path: staging_path,
+                })
+                .await?;
             "NodeUnstageVolume"
         }
-        Call::Mount { volume_id, staging_path, target, readonly, block, context } => {
+        Call::Mount {
+            volume_id,
+            staging_path,
+            target,
+            readonly,
+            block,
+            context,
+        } => {
             c.node
                 .node_publish_volume(proto::NodePublishVolumeRequest {
                     volume_id,
@@ -343,13 +453,22 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             "NodePublishVolume"
         }
         Call::Umount { volume_id, target } => {
-            c.node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest { volume_id, target_path: target }).await?;
+            c.node
+                .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                    volume_id,
+                    target_path: target,
+                })
+                .await?;
             "NodeUnpublishVolume"
         }
         Call::NodeExpand { volume_id, path } => {
             let r = c
                 .node
-                .node_expand_volume(proto::NodeExpandVolumeRequest { volume_id, volume_path: path, ..Default::default() })
+                .node_expand_volume(proto::NodeExpandVolumeRequest {
+                    volume_id,
+                    volume_path: path,
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             println!("{}", r.capacity_bytes);
@@ -358,11 +477,18 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
         Call::Stats { volume_id, path } => {
             let r = c
                 .node
-                .node_get_volume_stats(proto::NodeGetVolumeStatsRequest { volume_id, volume_path: path, staging_target_path: String::new() })
+                .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+                    volume_id,
+                    volume_path: path,
+                    staging_target_path: String::new(),
+                })
                 .await?
                 .into_inner();
             for u in r.usage {
-                println!("unit={} total={} used={} available={}", u.unit, u.total, u.used, u.available);
+                println!(
+                    "unit={} total={} used={} available={}",
+                    u.unit, u.total, u.used, u.available
+                );
             }
             if let Some(cond) = r.volume_condition {
                 println!("abnormal={} message={}", cond.abnormal, cond.message);
@@ -372,7 +498,10 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
         Call::Capacity { params } => {
             let r = c
                 .controller
-                .get_capacity(proto::GetCapacityRequest { parameters: params.into_iter().collect(), ..Default::default() })
+                .get_capacity(proto::GetCapacityRequest {
+                    parameters: params.into_iter().collect(),
+                    ..Default::default()
+                })
                 .await?
                 .into_inner();
             println!("{}", r.available_capacity);

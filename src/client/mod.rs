@@ -3,7 +3,9 @@
 
 pub mod cli;
 
-use crate::csi::proto::{controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient};
+use crate::csi::proto::{
+    controller_client::ControllerClient, identity_client::IdentityClient, node_client::NodeClient,
+};
 use crate::csi::server::Endpoint;
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
@@ -23,11 +25,19 @@ impl CsiClient {
                 TonicEndpoint::try_from("http://[::1]:1")?
                     .connect_with_connector(tower::service_fn(move |_| {
                         let path = path.clone();
-                        async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
                     }))
                     .await?
             }
-            Endpoint::Tcp(addr) => TonicEndpoint::try_from(format!("http://{addr}"))?.connect().await?,
+            Endpoint::Tcp(addr) => {
+                TonicEndpoint::try_from(format!("http://{addr}"))?
+                    .connect()
+                    .await?
+            }
         };
         Ok(Self {
             channel: channel.clone(),
@@ -38,7 +48,10 @@ impl CsiClient {
     }
 
     /// Retries until the endpoint accepts connections, for freshly started drivers.
-    pub async fn connect_with_retry(endpoint: &str, timeout: std::time::Duration) -> anyhow::Result<Self> {
+    pub async fn connect_with_retry(
+        endpoint: &str,
+        timeout: std::time::Duration,
+    ) -> anyhow::Result<Self> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             match Self::connect(endpoint).await {

@@ -1,6 +1,9 @@
 //! CSI Controller: protobuf in, `volume::controller::Controller` calls, protobuf out.
 
-use super::proto::{self, controller_server, controller_service_capability as csc, volume_capability, volume_content_source};
+use super::proto::{
+    self, controller_server, controller_service_capability as csc, volume_capability,
+    volume_content_source,
+};
 use super::require;
 use crate::volume::controller::{Controller, CreateRequest, Snapshot, Source, VolumeInfo};
 use crate::volume::{Credentials, VolumeParams};
@@ -42,7 +45,10 @@ pub fn check_capabilities(caps: &[proto::VolumeCapability]) -> Result<AccessSumm
     if caps.is_empty() {
         return Err(Status::invalid_argument("volume_capabilities are required"));
     }
-    let mut summary = AccessSummary { exclusive: false, block: false };
+    let mut summary = AccessSummary {
+        exclusive: false,
+        block: false,
+    };
     for cap in caps {
         let summary_one = check_capability(cap)?;
         summary.exclusive |= summary_one.exclusive;
@@ -61,19 +67,35 @@ pub fn check_capability(cap: &proto::VolumeCapability) -> Result<AccessSummary, 
         Some(volume_capability::AccessType::Block(_)) => true,
         Some(volume_capability::AccessType::Mount(m)) => {
             if !matches!(m.fs_type.as_str(), "" | "ext4" | "xfs") {
-                return Err(Status::invalid_argument(format!("fs_type {:?} is not supported; use ext4 or xfs", m.fs_type)));
+                return Err(Status::invalid_argument(format!(
+                    "fs_type {:?} is not supported; use ext4 or xfs",
+                    m.fs_type
+                )));
             }
             false
         }
-        None => return Err(Status::invalid_argument("volume_capability.access_type (block or mount) is required")),
+        None => {
+            return Err(Status::invalid_argument(
+                "volume_capability.access_type (block or mount) is required",
+            ))
+        }
     };
     let exclusive = match mode {
-        Mode::Unknown => return Err(Status::invalid_argument("volume_capability.access_mode is unknown")),
-        Mode::SingleNodeWriter | Mode::SingleNodeReaderOnly | Mode::SingleNodeSingleWriter | Mode::SingleNodeMultiWriter => true,
+        Mode::Unknown => {
+            return Err(Status::invalid_argument(
+                "volume_capability.access_mode is unknown",
+            ))
+        }
+        Mode::SingleNodeWriter
+        | Mode::SingleNodeReaderOnly
+        | Mode::SingleNodeSingleWriter
+        | Mode::SingleNodeMultiWriter => true,
         Mode::MultiNodeReaderOnly => false,
         Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter if block => false,
         Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter => {
-            return Err(Status::invalid_argument("multi-node writer access is only supported for block volumes"))
+            return Err(Status::invalid_argument(
+                "multi-node writer access is only supported for block volumes",
+            ))
         }
     };
     Ok(AccessSummary { exclusive, block })
@@ -84,7 +106,10 @@ fn snapshot_proto(s: &Snapshot) -> proto::Snapshot {
         size_bytes: s.size as i64,
         snapshot_id: s.id.encode(),
         source_volume_id: s.source_volume.encode(),
-        creation_time: Some(prost_types::Timestamp { seconds: s.created.0, nanos: s.created.1 }),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created.0,
+            nanos: s.created.1,
+        }),
         ready_to_use: true,
         group_snapshot_id: String::new(),
     }
@@ -93,13 +118,19 @@ fn snapshot_proto(s: &Snapshot) -> proto::Snapshot {
 fn published_status(v: &VolumeInfo) -> proto::list_volumes_response::VolumeStatus {
     proto::list_volumes_response::VolumeStatus {
         published_node_ids: v.attachments.iter().map(|a| a.node.clone()).collect(),
-        volume_condition: Some(proto::VolumeCondition { abnormal: false, message: "image present".into() }),
+        volume_condition: Some(proto::VolumeCondition {
+            abnormal: false,
+            message: "image present".into(),
+        }),
     }
 }
 
 #[tonic::async_trait]
 impl controller_server::Controller for ControllerService {
-    async fn create_volume(&self, req: Request<proto::CreateVolumeRequest>) -> Result<Response<proto::CreateVolumeResponse>, Status> {
+    async fn create_volume(
+        &self,
+        req: Request<proto::CreateVolumeRequest>,
+    ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         crate::volume::controller::validate_name("name", &r.name)?;
         check_capabilities(&r.volume_capabilities)?;
@@ -111,21 +142,42 @@ impl controller_server::Controller for ControllerService {
         let creds = Credentials::from_secrets(&r.secrets)?;
         let source = match r.volume_content_source.and_then(|s| s.r#type) {
             None => None,
-            Some(volume_content_source::Type::Snapshot(s)) => Some(Source::Snapshot(require(&s.snapshot_id, "snapshot_id")?.to_string())),
-            Some(volume_content_source::Type::Volume(v)) => Some(Source::Volume(require(&v.volume_id, "volume_id")?.to_string())),
+            Some(volume_content_source::Type::Snapshot(s)) => Some(Source::Snapshot(
+                require(&s.snapshot_id, "snapshot_id")?.to_string(),
+            )),
+            Some(volume_content_source::Type::Volume(v)) => Some(Source::Volume(
+                require(&v.volume_id, "volume_id")?.to_string(),
+            )),
         };
-        let (required, limit) = r.capacity_range.map(|c| (c.required_bytes, c.limit_bytes)).unwrap_or((0, 0));
+        let (required, limit) = r
+            .capacity_range
+            .map(|c| (c.required_bytes, c.limit_bytes))
+            .unwrap_or((0, 0));
         let vol = self
             .inner
-            .create_volume(CreateRequest { name: r.name, required_bytes: required, limit_bytes: limit, params, source, creds })
+            .create_volume(CreateRequest {
+                name: r.name,
+                required_bytes: required,
+                limit_bytes: limit,
+                params,
+                source,
+                creds,
+            })
             .await?;
         tracing::info!(volume.id = %vol.id, size = vol.size, "volume created");
-        let content_source = vol.source.map(|s| proto::VolumeContentSource {
-            r#type: Some(match s {
-                Source::Snapshot(id) => volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource { snapshot_id: id }),
-                Source::Volume(id) => volume_content_source::Type::Volume(volume_content_source::VolumeSource { volume_id: id }),
-            }),
-        });
+        let content_source =
+            vol.source.map(|s| proto::VolumeContentSource {
+                r#type: Some(match s {
+                    Source::Snapshot(id) => volume_content_source::Type::Snapshot(
+                        volume_content_source::SnapshotSource { snapshot_id: id },
+                    ),
+                    Source::Volume(id) => {
+                        volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                            volume_id: id,
+                        })
+                    }
+                }),
+            });
         Ok(Response::new(proto::CreateVolumeResponse {
             volume: Some(proto::Volume {
                 capacity_bytes: vol.size as i64,
@@ -137,7 +189,10 @@ impl controller_server::Controller for ControllerService {
         }))
     }
 
-    async fn delete_volume(&self, req: Request<proto::DeleteVolumeRequest>) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
+    async fn delete_volume(
+        &self,
+        req: Request<proto::DeleteVolumeRequest>,
+    ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
         self.inner.delete_volume(&r.volume_id, &r.secrets).await?;
         tracing::info!(volume.id = %r.volume_id, "volume deleted");
@@ -151,11 +206,24 @@ impl controller_server::Controller for ControllerService {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
         require(&r.node_id, "node_id")?;
-        let cap = r.volume_capability.ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
+        let cap = r
+            .volume_capability
+            .ok_or_else(|| Status::invalid_argument("volume_capability is required"))?;
         let access = check_capability(&cap)?;
-        let publish_context = self.inner.publish(&r.volume_id, &r.node_id, r.readonly, access.exclusive, &r.secrets).await?;
+        let publish_context = self
+            .inner
+            .publish(
+                &r.volume_id,
+                &r.node_id,
+                r.readonly,
+                access.exclusive,
+                &r.secrets,
+            )
+            .await?;
         tracing::info!(volume.id = %r.volume_id, node = %r.node_id, readonly = r.readonly, "volume published");
-        Ok(Response::new(proto::ControllerPublishVolumeResponse { publish_context }))
+        Ok(Response::new(proto::ControllerPublishVolumeResponse {
+            publish_context,
+        }))
     }
 
     async fn controller_unpublish_volume(
@@ -164,7 +232,9 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
-        self.inner.unpublish(&r.volume_id, &r.node_id, &r.secrets).await?;
+        self.inner
+            .unpublish(&r.volume_id, &r.node_id, &r.secrets)
+            .await?;
         tracing::info!(volume.id = %r.volume_id, node = %r.node_id, "volume unpublished");
         Ok(Response::new(proto::ControllerUnpublishVolumeResponse {}))
     }
@@ -192,24 +262,43 @@ impl controller_server::Controller for ControllerService {
             ),
             Err(s) => (None, s.message().to_string()),
         };
-        Ok(Response::new(proto::ValidateVolumeCapabilitiesResponse { confirmed, message }))
+        Ok(Response::new(proto::ValidateVolumeCapabilitiesResponse {
+            confirmed,
+            message,
+        }))
     }
 
-    async fn list_volumes(&self, req: Request<proto::ListVolumesRequest>) -> Result<Response<proto::ListVolumesResponse>, Status> {
+    async fn list_volumes(
+        &self,
+        req: Request<proto::ListVolumesRequest>,
+    ) -> Result<Response<proto::ListVolumesResponse>, Status> {
         let r = req.into_inner();
-        let page = self.inner.list_volumes(r.max_entries, &r.starting_token).await?;
+        let page = self
+            .inner
+            .list_volumes(r.max_entries, &r.starting_token)
+            .await?;
         let entries = page
             .entries
             .iter()
             .map(|v| proto::list_volumes_response::Entry {
-                volume: Some(proto::Volume { capacity_bytes: v.size as i64, volume_id: v.id.encode(), ..Default::default() }),
+                volume: Some(proto::Volume {
+                    capacity_bytes: v.size as i64,
+                    volume_id: v.id.encode(),
+                    ..Default::default()
+                }),
                 status: Some(published_status(v)),
             })
             .collect();
-        Ok(Response::new(proto::ListVolumesResponse { entries, next_token: page.next_token }))
+        Ok(Response::new(proto::ListVolumesResponse {
+            entries,
+            next_token: page.next_token,
+        }))
     }
 
-    async fn get_capacity(&self, req: Request<proto::GetCapacityRequest>) -> Result<Response<proto::GetCapacityResponse>, Status> {
+    async fn get_capacity(
+        &self,
+        req: Request<proto::GetCapacityRequest>,
+    ) -> Result<Response<proto::GetCapacityResponse>, Status> {
         let r = req.into_inner();
         if !r.volume_capabilities.is_empty() {
             check_capabilities(&r.volume_capabilities)?;
@@ -228,41 +317,88 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerGetCapabilitiesResponse>, Status> {
         let capabilities = CAPABILITIES
             .iter()
-            .map(|t| proto::ControllerServiceCapability { r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })) })
+            .map(|t| proto::ControllerServiceCapability {
+                r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
+            })
             .collect();
-        Ok(Response::new(proto::ControllerGetCapabilitiesResponse { capabilities }))
+        Ok(Response::new(proto::ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
     }
 
-    async fn create_snapshot(&self, req: Request<proto::CreateSnapshotRequest>) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
+    async fn create_snapshot(
+        &self,
+        req: Request<proto::CreateSnapshotRequest>,
+    ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
         require(&r.source_volume_id, "source_volume_id")?;
         crate::volume::controller::validate_name("name", &r.name)?;
-        let snap = self.inner.create_snapshot(&r.name, &r.source_volume_id, &r.secrets).await?;
+        let snap = self
+            .inner
+            .create_snapshot(&r.name, &r.source_volume_id, &r.secrets)
+            .await?;
         tracing::info!(volume.id = %r.source_volume_id, snapshot.id = %snap.id.encode(), "snapshot created");
-        Ok(Response::new(proto::CreateSnapshotResponse { snapshot: Some(snapshot_proto(&snap)) }))
+        Ok(Response::new(proto::CreateSnapshotResponse {
+            snapshot: Some(snapshot_proto(&snap)),
+        }))
     }
 
-    async fn delete_snapshot(&self, req: Request<proto::DeleteSnapshotRequest>) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
+    async fn delete_snapshot(
+        &self,
+        req: Request<proto::DeleteSnapshotRequest>,
+    ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
-        self.inner.delete_snapshot(&r.snapshot_id, &r.secrets).await?;
+        self.inner
+            .delete_snapshot(&r.snapshot_id, &r.secrets)
+            .await?;
         tracing::info!(snapshot.id = %r.snapshot_id, "snapshot deleted");
         Ok(Response::new(proto::DeleteSnapshotResponse {}))
     }
 
-    async fn list_snapshots(&self, req: Request<proto::ListSnapshotsRequest>) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
+    async fn list_snapshots(
+        &self,
+        req: Request<proto::ListSnapshotsRequest>,
+    ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
         let r = req.into_inner();
-        let page = self.inner.list_snapshots(&r.snapshot_id, &r.source_volume_id, r.max_entries, &r.starting_token, &r.secrets).await?;
-        let entries =
-            page.entries.iter().map(|s| proto::list_snapshots_response::Entry { snapshot: Some(snapshot_proto(s)) }).collect();
-        Ok(Response::new(proto::ListSnapshotsResponse { entries, next_token: page.next_token }))
+        let page = self
+            .inner
+            .list_snapshots(
+                &r.snapshot_id,
+                &r.source_volume_id,
+                r.max_entries,
+                &r.starting_token,
+                &r.secrets,
+            )
+            .await?;
+        let entries = page
+            .entries
+            .iter()
+            .map(|s| proto::list_snapshots_response::Entry {
+                snapshot: Some(snapshot_proto(s)),
+            })
+            .collect();
+        Ok(Response::new(proto::ListSnapshotsResponse {
+            entries,
+            next_token: page.next_token,
+        }))
     }
 
-    async fn get_snapshot(&self, req: Request<proto::GetSnapshotRequest>) -> Result<Response<proto::GetSnapshotResponse>, Status> {
+    async fn get_snapshot(
+        &self,
+        req: Request<proto::GetSnapshotRequest>,
+    ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         let r = req.into_inner();
         require(&r.snapshot_id, "snapshot_id")?;
-        let page = self.inner.list_snapshots(&r.snapshot_id, "", 0, "", &r.secrets).await?;
-        let snap = page.entries.first().ok_or_else(|| Status::not_found(format!("snapshot {} does not exist", r.snapshot_id)))?;
-        Ok(Response::new(proto::GetSnapshotResponse { snapshot: Some(snapshot_proto(snap)) }))
+        let page = self
+            .inner
+            .list_snapshots(&r.snapshot_id, "", 0, "", &r.secrets)
+            .await?;
+        let snap = page.entries.first().ok_or_else(|| {
+            Status::not_found(format!("snapshot {} does not exist", r.snapshot_id))
+        })?;
+        Ok(Response::new(proto::GetSnapshotResponse {
+            snapshot: Some(snapshot_proto(snap)),
+        }))
     }
 
     async fn controller_expand_volume(
@@ -271,14 +407,27 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
-        let range = r.capacity_range.ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        let range = r
+            .capacity_range
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
         let block = match &r.volume_capability {
             Some(cap) => check_capability(cap)?.block,
             None => false,
         };
-        let size = self.inner.expand_volume(&r.volume_id, range.required_bytes, range.limit_bytes, &r.secrets).await?;
+        let size = self
+            .inner
+            .expand_volume(
+                &r.volume_id,
+                range.required_bytes,
+                range.limit_bytes,
+                &r.secrets,
+            )
+            .await?;
         tracing::info!(volume.id = %r.volume_id, size, "volume expanded");
-        Ok(Response::new(proto::ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required: !block }))
+        Ok(Response::new(proto::ControllerExpandVolumeResponse {
+            capacity_bytes: size as i64,
+            node_expansion_required: !block,
+        }))
     }
 
     async fn controller_get_volume(
@@ -287,10 +436,17 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
-        let v = self.inner.get_volume(&r.volume_id, &Default::default()).await?;
+        let v = self
+            .inner
+            .get_volume(&r.volume_id, &Default::default())
+            .await?;
         let st = published_status(&v);
         Ok(Response::new(proto::ControllerGetVolumeResponse {
-            volume: Some(proto::Volume { capacity_bytes: v.size as i64, volume_id: v.id.encode(), ..Default::default() }),
+            volume: Some(proto::Volume {
+                capacity_bytes: v.size as i64,
+                volume_id: v.id.encode(),
+                ..Default::default()
+            }),
             status: Some(proto::controller_get_volume_response::VolumeStatus {
                 published_node_ids: st.published_node_ids,
                 volume_condition: st.volume_condition,
@@ -302,6 +458,8 @@ impl controller_server::Controller for ControllerService {
         &self,
         _: Request<proto::ControllerModifyVolumeRequest>,
     ) -> Result<Response<proto::ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented("ControllerModifyVolume is not supported"))
+        Err(Status::unimplemented(
+            "ControllerModifyVolume is not supported",
+        ))
     }
 }

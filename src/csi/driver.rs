@@ -4,9 +4,11 @@
 use super::controller::ControllerService;
 use super::health::Health;
 use super::identity::IdentityService;
+use super::node::NodeService;
 use super::proto;
 use super::server::{self, Endpoint};
 use crate::ceph::{CephTimeouts, ConnectionPool};
+use crate::node::{NodeConfig, NodeDriver};
 use crate::volume::controller::{Controller, ControllerConfig};
 use crate::volume::{ClusterConfig, Credentials};
 use std::path::PathBuf;
@@ -29,6 +31,7 @@ pub struct DriverOptions {
     pub health_interval: Duration,
     pub controller_cfg: ControllerConfig,
     pub metrics_address: Option<String>,
+    pub default_mounter: String,
 }
 
 pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
@@ -47,9 +50,16 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         anyhow::bail!("--node-id is required for the node service");
     }
     let pool = Arc::new(ConnectionPool::new(opts.timeouts));
-    let controller = Arc::new(Controller::new(clusters.clone(), pool.clone(), creds.clone(), opts.controller_cfg.clone()));
+    let controller = Arc::new(Controller::new(
+        clusters.clone(),
+        pool.clone(),
+        creds.clone(),
+        opts.controller_cfg.clone(),
+    ));
     let health = Arc::new(Health::default());
-    health.clone().spawn(clusters.clone(), pool.clone(), opts.health_interval);
+    health
+        .clone()
+        .spawn(clusters.clone(), pool.clone(), opts.health_interval);
 
     if opts.node {
         let node_id = opts.node_id.clone().unwrap_or_default();
@@ -64,13 +74,39 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let controller_svc =
-        opts.controller.then(|| proto::controller_server::ControllerServer::new(ControllerService { inner: controller.clone() }));
+    let controller_svc = opts.controller.then(|| {
+        proto::controller_server::ControllerServer::new(ControllerService {
+            inner: controller.clone(),
+        })
+    });
     let router = tonic::transport::Server::builder()
         .add_service(identity)
         .add_service(reflection)
         .add_optional_service(controller_svc);
-    let router = super::node_glue::add_node(router, &opts, controller.clone())?;
+    let node_svc = match opts.node {
+        false => None,
+        true => {
+            let state_dir = opts.state_dir.clone().unwrap_or_else(|| {
+                opts.kubelet_dir
+                    .join("plugins")
+                    .join(&opts.driver_name)
+                    .join("state")
+            });
+            let mut cfg = NodeConfig::new(opts.node_id.clone().unwrap_or_default(), state_dir);
+            cfg.allowed_roots = std::iter::once(opts.kubelet_dir.clone())
+                .chain(opts.extra_roots.iter().cloned())
+                .collect();
+            Some(proto::node_server::NodeServer::new(NodeService {
+                driver: NodeDriver::new(cfg)?,
+                node_id: opts.node_id.clone().unwrap_or_default(),
+                clusters: clusters.clone(),
+                default_creds: creds.clone(),
+                default_mounter: opts.default_mounter.clone(),
+                inflight: Default::default(),
+            }))
+        }
+    };
+    let router = router.add_optional_service(node_svc);
     server::serve(&endpoint, router, || {
         tracing::info!(
             controller = opts.controller,

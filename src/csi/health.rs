@@ -41,7 +41,11 @@ impl Health {
             let ok = match conns.get(&entry.cluster_id) {
                 Some(conn) => {
                     let conn = conn.clone();
-                    match blocking(move || conn.mon_command(r#"{"prefix":"mon stat","format":"json"}"#)).await {
+                    match blocking(move || {
+                        conn.mon_command(r#"{"prefix":"mon stat","format":"json"}"#)
+                    })
+                    .await
+                    {
                         Ok(_) => true,
                         // Refused by caps still proves the monitors answer.
                         Err(e) if e.permission_denied() => true,
@@ -73,7 +77,12 @@ impl Health {
     }
 
     /// Checks now and then every `interval`, for the life of the process.
-    pub fn spawn(self: Arc<Self>, clusters: ClusterConfig, pool: Arc<ConnectionPool>, interval: Duration) {
+    pub fn spawn(
+        self: Arc<Self>,
+        clusters: ClusterConfig,
+        pool: Arc<ConnectionPool>,
+        interval: Duration,
+    ) {
         tokio::spawn(async move {
             loop {
                 self.check(&clusters, &pool, Duration::from_secs(2)).await;
@@ -89,13 +98,22 @@ pub fn monitor_addrs(monitors: &[String]) -> Vec<String> {
     for m in monitors {
         for part in m.trim_matches(|c| c == '[' || c == ']').split(',') {
             let part = part.trim();
-            let addr = part.strip_prefix("v2:").or_else(|| part.strip_prefix("v1:")).unwrap_or(part);
+            let addr = part
+                .strip_prefix("v2:")
+                .or_else(|| part.strip_prefix("v1:"))
+                .unwrap_or(part);
             let addr = addr.split('/').next().unwrap_or(addr);
             if addr.is_empty() {
                 continue;
             }
-            let has_port = addr.rsplit_once(':').is_some_and(|(h, p)| !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok());
-            out.push(if has_port { addr.to_string() } else { format!("{addr}:3300") });
+            let has_port = addr.rsplit_once(':').is_some_and(|(h, p)| {
+                !h.is_empty() && !h.ends_with(':') && p.parse::<u16>().is_ok()
+            });
+            out.push(if has_port {
+                addr.to_string()
+            } else {
+                format!("{addr}:3300")
+            });
         }
     }
     out
@@ -106,7 +124,9 @@ async fn banner_check(monitors: &[String], timeout: Duration) -> Result<(), Stri
     let mut last = String::from("no monitors configured");
     for addr in monitor_addrs(monitors) {
         let attempt = async {
-            let mut s = tokio::net::TcpStream::connect(&addr).await.map_err(|e| e.to_string())?;
+            let mut s = tokio::net::TcpStream::connect(&addr)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut buf = [0u8; 6];
             s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
             if &buf == b"ceph v" {
@@ -133,7 +153,10 @@ mod tests {
         let m = |s: &str| monitor_addrs(&[s.to_string()]);
         assert_eq!(m("127.0.0.1:3300"), vec!["127.0.0.1:3300"]);
         assert_eq!(m("v2:10.0.0.1:3300"), vec!["10.0.0.1:3300"]);
-        assert_eq!(m("[v2:10.0.0.1:3300/0,v1:10.0.0.1:6789/0]"), vec!["10.0.0.1:3300", "10.0.0.1:6789"]);
+        assert_eq!(
+            m("[v2:10.0.0.1:3300/0,v1:10.0.0.1:6789/0]"),
+            vec!["10.0.0.1:3300", "10.0.0.1:6789"]
+        );
         assert_eq!(m("mon.example"), vec!["mon.example:3300"]);
     }
 }

@@ -6,7 +6,7 @@ pub mod controller;
 pub mod driver;
 pub mod health;
 pub mod identity;
-mod node_glue;
+pub mod node;
 pub mod server;
 pub mod status;
 
@@ -22,7 +22,9 @@ pub const DEFAULT_DRIVER_NAME: &str = "rbd.csi.ceph.rook.io";
 /// `require(field, "volume_id")?` turns an empty required field into InvalidArgument.
 pub fn require<'a>(value: &'a str, field: &str) -> Result<&'a str, tonic::Status> {
     if value.is_empty() {
-        Err(tonic::Status::invalid_argument(format!("{field} is required")))
+        Err(tonic::Status::invalid_argument(format!(
+            "{field} is required"
+        )))
     } else {
         Ok(value)
     }

@@ -16,7 +16,11 @@ impl Endpoint {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         if let Some(p) = s.strip_prefix("unix://") {
             // Both unix:///abs/path and unix:/abs/path appear in the wild.
-            let p = if p.starts_with('/') { p.to_string() } else { format!("/{p}") };
+            let p = if p.starts_with('/') {
+                p.to_string()
+            } else {
+                format!("/{p}")
+            };
             return Ok(Endpoint::Unix(PathBuf::from(p)));
         }
         if let Some(p) = s.strip_prefix("unix:") {
@@ -40,7 +44,11 @@ fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(e.into()),
     };
-    anyhow::ensure!(meta.file_type().is_socket(), "{} exists and is not a socket; refusing to replace it", path.display());
+    anyhow::ensure!(
+        meta.file_type().is_socket(),
+        "{} exists and is not a socket; refusing to replace it",
+        path.display()
+    );
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         anyhow::bail!("{} is in use by a running process", path.display());
     }
@@ -73,20 +81,28 @@ pub async fn shutdown_signal() {
     }
 }
 
-pub async fn serve(endpoint: &Endpoint, router: Router, ready: impl FnOnce()) -> anyhow::Result<()> {
+pub async fn serve(
+    endpoint: &Endpoint,
+    router: Router,
+    ready: impl FnOnce(),
+) -> anyhow::Result<()> {
     match endpoint {
         Endpoint::Unix(path) => {
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "serving CSI");
             ready();
-            router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal()).await?;
+            router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
+                .await?;
             let _ = std::fs::remove_file(path);
         }
         Endpoint::Tcp(addr) => {
             let listener = tokio::net::TcpListener::bind(addr).await?;
             tracing::info!(endpoint = %addr, "serving CSI over TCP");
             ready();
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal()).await?;
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown_signal())
+                .await?;
         }
     }
     Ok(())
@@ -98,9 +114,18 @@ mod tests {
 
     #[test]
     fn endpoints_parse() {
-        assert_eq!(Endpoint::parse("unix:///csi/csi.sock").unwrap(), Endpoint::Unix("/csi/csi.sock".into()));
-        assert_eq!(Endpoint::parse("unix:/csi/csi.sock").unwrap(), Endpoint::Unix("/csi/csi.sock".into()));
-        assert_eq!(Endpoint::parse("tcp://127.0.0.1:10000").unwrap(), Endpoint::Tcp("127.0.0.1:10000".into()));
+        assert_eq!(
+            Endpoint::parse("unix:///csi/csi.sock").unwrap(),
+            Endpoint::Unix("/csi/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("unix:/csi/csi.sock").unwrap(),
+            Endpoint::Unix("/csi/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp://127.0.0.1:10000").unwrap(),
+            Endpoint::Tcp("127.0.0.1:10000".into())
+        );
         assert!(Endpoint::parse("http://x").is_err());
     }
 
@@ -109,7 +134,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("csi.sock");
         let l = bind_unix(&sock).unwrap();
-        assert_eq!(std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         // In use: refused.
         assert!(bind_unix(&sock).is_err());
         drop(l);

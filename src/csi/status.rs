@@ -1,6 +1,7 @@
 //! The one place where domain errors become gRPC status codes.
 
 use crate::ceph::CephError;
+use crate::node::{NodeError, NodeErrorKind};
 use crate::volume::Error;
 use tonic::{Code, Status};
 
@@ -12,9 +13,12 @@ fn ceph_code(e: &CephError) -> Code {
         // A connect that never completes means the monitors are out of reach.
         libc::ETIMEDOUT if e.op == "rados_connect" => Code::Unavailable,
         libc::ETIMEDOUT => Code::DeadlineExceeded,
-        libc::ENOTCONN | libc::ECONNREFUSED | libc::ESHUTDOWN | libc::ENETUNREACH | libc::EHOSTUNREACH | libc::ECONNRESET => {
-            Code::Unavailable
-        }
+        libc::ENOTCONN
+        | libc::ECONNREFUSED
+        | libc::ESHUTDOWN
+        | libc::ENETUNREACH
+        | libc::EHOSTUNREACH
+        | libc::ECONNRESET => Code::Unavailable,
         libc::EBUSY => Code::FailedPrecondition,
         // Pool full or over quota. The provisioner may reschedule on this, which is harmless here.
         libc::ENOSPC | libc::EDQUOT => Code::ResourceExhausted,
@@ -42,13 +46,38 @@ impl From<Error> for Status {
     }
 }
 
+impl From<NodeError> for Status {
+    fn from(e: NodeError) -> Self {
+        let code = match e.code() {
+            NodeErrorKind::InvalidArgument => Code::InvalidArgument,
+            NodeErrorKind::NotFound => Code::NotFound,
+            NodeErrorKind::AlreadyExists => Code::AlreadyExists,
+            NodeErrorKind::FailedPrecondition => Code::FailedPrecondition,
+            NodeErrorKind::Internal => Code::Internal,
+            NodeErrorKind::Unavailable => Code::Unavailable,
+            NodeErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        };
+        Status::new(code, e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ceph_errnos_map_to_precise_codes() {
-        let c = |op, errno| Status::from(Error::Ceph { context: "x".into(), source: CephError { op, target: "t".into(), errno } }).code();
+        let c = |op, errno| {
+            Status::from(Error::Ceph {
+                context: "x".into(),
+                source: CephError {
+                    op,
+                    target: "t".into(),
+                    errno,
+                },
+            })
+            .code()
+        };
         assert_eq!(c("rbd_open", libc::ENOENT), Code::NotFound);
         assert_eq!(c("rados_connect", libc::ETIMEDOUT), Code::Unavailable);
         assert_eq!(c("rbd_create4", libc::ETIMEDOUT), Code::DeadlineExceeded);

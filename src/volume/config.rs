@@ -39,7 +39,11 @@ impl ClusterConfig {
         let mut clusters = HashMap::new();
         for e in list {
             anyhow::ensure!(!e.cluster_id.is_empty(), "an entry has an empty clusterID");
-            anyhow::ensure!(!e.monitors.is_empty(), "cluster {} has no monitors", e.cluster_id);
+            anyhow::ensure!(
+                !e.monitors.is_empty(),
+                "cluster {} has no monitors",
+                e.cluster_id
+            );
             anyhow::ensure!(
                 clusters.insert(e.cluster_id.clone(), e.clone()).is_none(),
                 "clusterID {} appears twice",
@@ -64,10 +68,16 @@ mod tests {
 
     #[test]
     fn reads_ceph_csi_cluster_config() {
-        let c = ClusterConfig::parse(r#"[{"clusterID":"abc","monitors":["10.0.0.1:6789","10.0.0.2:3300"],"cephFS":{}}]"#).unwrap();
+        let c = ClusterConfig::parse(
+            r#"[{"clusterID":"abc","monitors":["10.0.0.1:6789","10.0.0.2:3300"],"cephFS":{}}]"#,
+        )
+        .unwrap();
         assert_eq!(c.get("abc").unwrap().monitors.len(), 2);
         assert_eq!(c.get("abc").unwrap().registry_pool(), "rbd");
         assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":[]}]"#).is_err());
-        assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"a","monitors":["m"]}]"#).is_err());
+        assert!(ClusterConfig::parse(
+            r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"a","monitors":["m"]}]"#
+        )
+        .is_err());
     }
 }

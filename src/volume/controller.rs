@@ -7,7 +7,9 @@
 //! An image that still has dependents goes to the RBD trash and is swept when they are gone.
 
 use super::naming::{self, SNAPSHOT_PREFIX, VOLUME_PREFIX};
-use super::{ClusterConfig, ClusterEntry, Credentials, Error, InFlight, SnapshotId, VolumeId, VolumeParams};
+use super::{
+    ClusterConfig, ClusterEntry, Credentials, Error, InFlight, SnapshotId, VolumeId, VolumeParams,
+};
 use crate::ceph::pool::{blocking, with_ioctx};
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, ImageOptions, IoCtx};
 use serde::{Deserialize, Serialize};
@@ -26,6 +28,9 @@ const NAME_KEY: &str = "rook-rbd.name";
 const PARENT_KEY: &str = "rook-rbd.parent";
 const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
 const TRASH_SOURCE_USER: i32 = 0;
+
+/// A blocking step's result: Ceph failed (outer), or Ceph answered and the request is refused (inner).
+type Outcome<T> = Result<Result<T, Error>, CephError>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -90,7 +95,11 @@ pub struct ControllerConfig {
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        Self { max_clone_depth: 8, create_concurrency: 32, create_queue_timeout: Duration::from_secs(20) }
+        Self {
+            max_clone_depth: 8,
+            create_concurrency: 32,
+            create_queue_timeout: Duration::from_secs(20),
+        }
     }
 }
 
@@ -109,22 +118,34 @@ pub struct Controller {
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
 pub fn size_for(required: i64, limit: i64) -> Result<u64, Error> {
     if required < 0 || limit < 0 {
-        return Err(Error::InvalidArgument("capacity_range bytes must not be negative".into()));
+        return Err(Error::InvalidArgument(
+            "capacity_range bytes must not be negative".into(),
+        ));
     }
     let (required, limit) = (required as u64, limit as u64);
     if limit != 0 && required > limit {
-        return Err(Error::InvalidArgument(format!("required_bytes {required} exceeds limit_bytes {limit}")));
+        return Err(Error::InvalidArgument(format!(
+            "required_bytes {required} exceeds limit_bytes {limit}"
+        )));
     }
     let wanted = if required == 0 {
-        if limit != 0 { DEFAULT_SIZE.min(limit / MIB * MIB) } else { DEFAULT_SIZE }
+        if limit != 0 {
+            DEFAULT_SIZE.min(limit / MIB * MIB)
+        } else {
+            DEFAULT_SIZE
+        }
     } else {
         required.div_ceil(MIB) * MIB
     };
     if wanted == 0 || (limit != 0 && wanted > limit) {
-        return Err(Error::OutOfRange(format!("no whole number of MiB fits between {required} and {limit} bytes")));
+        return Err(Error::OutOfRange(format!(
+            "no whole number of MiB fits between {required} and {limit} bytes"
+        )));
     }
     if wanted > MAX_SIZE {
-        return Err(Error::OutOfRange(format!("{wanted} bytes is more than the supported maximum of {MAX_SIZE}")));
+        return Err(Error::OutOfRange(format!(
+            "{wanted} bytes is more than the supported maximum of {MAX_SIZE}"
+        )));
     }
     Ok(wanted)
 }
@@ -134,10 +155,15 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), Error> {
         return Err(Error::InvalidArgument(format!("{what} is required")));
     }
     if name.len() > 128 {
-        return Err(Error::InvalidArgument(format!("{what} is {} bytes; at most 128", name.len())));
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {} bytes; at most 128",
+            name.len()
+        )));
     }
     if name.chars().any(|c| c.is_control()) {
-        return Err(Error::InvalidArgument(format!("{what} contains control characters")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} contains control characters"
+        )));
     }
     Ok(())
 }
@@ -147,7 +173,9 @@ fn validate_node_id(node: &str) -> Result<(), Error> {
         return Err(Error::InvalidArgument("node_id is required".into()));
     }
     if node.len() > 256 || node.chars().any(|c| c.is_control() || c == '/') {
-        return Err(Error::InvalidArgument("node_id is not a valid node name".into()));
+        return Err(Error::InvalidArgument(
+            "node_id is not a valid node name".into(),
+        ));
     }
     Ok(())
 }
@@ -161,7 +189,8 @@ pub fn node_object(node: &str) -> String {
 fn read_attachments(img: &Image) -> Result<Vec<Attachment>, CephError> {
     match img.metadata_get(ATTACHMENTS_KEY)? {
         None => Ok(Vec::new()),
-        Some(s) => serde_json::from_str(&s).map_err(|_| CephError::new("parse attachments", ATTACHMENTS_KEY, -libc::EBADMSG)),
+        Some(s) => serde_json::from_str(&s)
+            .map_err(|_| CephError::new("parse attachments", ATTACHMENTS_KEY, -libc::EBADMSG)),
     }
 }
 
@@ -182,7 +211,12 @@ fn clone_depth(conn: &Connection, img: &Image) -> Result<u32, CephError> {
 }
 
 impl Controller {
-    pub fn new(clusters: ClusterConfig, pool: Arc<ConnectionPool>, default_creds: Option<Credentials>, cfg: ControllerConfig) -> Self {
+    pub fn new(
+        clusters: ClusterConfig,
+        pool: Arc<ConnectionPool>,
+        default_creds: Option<Credentials>,
+        cfg: ControllerConfig,
+    ) -> Self {
         let mut prefixes = BTreeSet::new();
         prefixes.insert(VOLUME_PREFIX.to_string());
         Self {
@@ -212,33 +246,49 @@ impl Controller {
     pub fn creds(&self, secrets: &HashMap<String, String>) -> Result<Credentials, Error> {
         if secrets.is_empty() {
             return self.default_creds.clone().ok_or_else(|| {
-                Error::InvalidArgument("this call carries no secrets and the driver has no --secret-dir".into())
+                Error::InvalidArgument(
+                    "this call carries no secrets and the driver has no --secret-dir".into(),
+                )
             });
         }
         Credentials::from_secrets(secrets)
     }
 
     fn cluster(&self, id: &str) -> Result<&ClusterEntry, Error> {
-        self.clusters
-            .get(id)
-            .ok_or_else(|| Error::InvalidArgument(format!("clusterID {id:?} is not in the cluster config")))
+        self.clusters.get(id).ok_or_else(|| {
+            Error::InvalidArgument(format!("clusterID {id:?} is not in the cluster config"))
+        })
     }
 
-    pub async fn connect(&self, cluster_id: &str, creds: &Credentials) -> Result<Arc<Connection>, Error> {
+    pub async fn connect(
+        &self,
+        cluster_id: &str,
+        creds: &Credentials,
+    ) -> Result<Arc<Connection>, Error> {
         let entry = self.cluster(cluster_id)?;
         self.pool
             .get(cluster_id, &entry.monitors, &creds.user, &creds.key)
             .await
-            .map_err(Error::ceph(format!("connecting to cluster {cluster_id} as client.{}", creds.user)))
+            .map_err(Error::ceph(format!(
+                "connecting to cluster {cluster_id} as client.{}",
+                creds.user
+            )))
     }
 
     /// A pool's I/O context; a pool that does not exist is an InvalidArgument, not an Internal.
-    async fn ioctx(&self, cluster_id: &str, pool: &str, creds: &Credentials) -> Result<Arc<IoCtx>, Error> {
+    async fn ioctx(
+        &self,
+        cluster_id: &str,
+        pool: &str,
+        creds: &Credentials,
+    ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
         let p = pool.to_string();
         blocking(move || conn.ioctx(&p)).await.map_err(|e| {
             if e.not_found() {
-                Error::InvalidArgument(format!("pool {pool:?} does not exist in cluster {cluster_id}"))
+                Error::InvalidArgument(format!(
+                    "pool {pool:?} does not exist in cluster {cluster_id}"
+                ))
             } else {
                 Error::ceph(format!("opening pool {pool}"))(e)
             }
@@ -253,30 +303,51 @@ impl Controller {
         let features = req.params.features()?;
         if let Some(p) = &req.params.volume_name_prefix {
             if p.starts_with(SNAPSHOT_PREFIX) || p.starts_with(naming::TEMP_SNAP_PREFIX) {
-                return Err(Error::InvalidArgument("volumeNamePrefix may not start with csi-snap- or csi-tmp-".into()));
+                return Err(Error::InvalidArgument(
+                    "volumeNamePrefix may not start with csi-snap- or csi-tmp-".into(),
+                ));
             }
         }
         self.cluster(&req.params.cluster_id)?;
         let image = naming::volume_image(req.params.volume_name_prefix.as_deref(), &req.name);
         let id = VolumeId::new(&req.params.cluster_id, &req.params.pool, &image);
         if id.encode().len() > super::id::MAX_ID_LEN {
-            return Err(Error::InvalidArgument("clusterID and pool are too long for a 128-byte volume ID".into()));
+            return Err(Error::InvalidArgument(
+                "clusterID and pool are too long for a 128-byte volume ID".into(),
+            ));
         }
-        let _guard = self.inflight.try_enter(&format!("create/{}", req.name)).ok_or_else(|| Error::aborted_in_flight(&req.name))?;
-        let _slot = tokio::time::timeout(self.cfg.create_queue_timeout, self.create_slots.acquire())
-            .await
-            .map_err(|_| Error::Unavailable("too many CreateVolume calls in flight; try again".into()))?
-            .map_err(|_| Error::Unavailable("shutting down".into()))?;
+        let _guard = self
+            .inflight
+            .try_enter(&format!("create/{}", req.name))
+            .ok_or_else(|| Error::aborted_in_flight(&req.name))?;
+        let _slot =
+            tokio::time::timeout(self.cfg.create_queue_timeout, self.create_slots.acquire())
+                .await
+                .map_err(|_| {
+                    Error::Unavailable("too many CreateVolume calls in flight; try again".into())
+                })?
+                .map_err(|_| Error::Unavailable("shutting down".into()))?;
         if let Some(p) = &req.params.volume_name_prefix {
             self.prefixes.lock().unwrap().insert(p.clone());
         }
 
         let conn = self.connect(&req.params.cluster_id, &req.creds).await?;
-        let io = self.ioctx(&req.params.cluster_id, &req.params.pool, &req.creds).await?;
-        let opts = ImageOptions { features, data_pool: req.params.data_pool.clone(), order: None };
+        let io = self
+            .ioctx(&req.params.cluster_id, &req.params.pool, &req.creds)
+            .await?;
+        let opts = ImageOptions {
+            features,
+            data_pool: req.params.data_pool.clone(),
+            order: None,
+        };
         let max_depth = self.cfg.max_clone_depth;
-        let k8s_meta: Vec<(String, String)> =
-            req.params.other.iter().filter(|(k, _)| k.starts_with("csi.storage.k8s.io/p")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        let k8s_meta: Vec<(String, String)> = req
+            .params
+            .other
+            .iter()
+            .filter(|(k, _)| k.starts_with("csi.storage.k8s.io/p"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let name = req.name.clone();
 
         let source = match &req.source {
@@ -287,9 +358,14 @@ impl Controller {
                     return Err(Error::NotFound(format!("snapshot {sid} does not exist")));
                 }
                 if snap.volume.cluster_id != req.params.cluster_id {
-                    return Err(Error::InvalidArgument("a snapshot can only be restored within its own cluster".into()));
+                    return Err(Error::InvalidArgument(
+                        "a snapshot can only be restored within its own cluster".into(),
+                    ));
                 }
-                let sio = self.ioctx(&snap.volume.cluster_id, &snap.volume.pool, &req.creds).await.map_err(not_found_source(sid))?;
+                let sio = self
+                    .ioctx(&snap.volume.cluster_id, &snap.volume.pool, &req.creds)
+                    .await
+                    .map_err(not_found_source(sid))?;
                 Some((sio, snap.volume.image.clone(), true))
             }
             Some(Source::Volume(vid)) => {
@@ -298,9 +374,14 @@ impl Controller {
                     return Err(Error::NotFound(format!("volume {vid} does not exist")));
                 }
                 if src.cluster_id != req.params.cluster_id {
-                    return Err(Error::InvalidArgument("a volume can only be cloned within its own cluster".into()));
+                    return Err(Error::InvalidArgument(
+                        "a volume can only be cloned within its own cluster".into(),
+                    ));
                 }
-                let sio = self.ioctx(&src.cluster_id, &src.pool, &req.creds).await.map_err(not_found_source(vid))?;
+                let sio = self
+                    .ioctx(&src.cluster_id, &src.pool, &req.creds)
+                    .await
+                    .map_err(not_found_source(vid))?;
                 Some((sio, src.image.clone(), false))
             }
         };
@@ -309,9 +390,17 @@ impl Controller {
         let made = blocking(move || {
             let made = match source {
                 None => create_plain(&io, &img_name, size, &opts)?,
-                Some((sio, parent, from_snapshot)) => {
-                    create_clone(&conn, &sio, &parent, from_snapshot, &io, &img_name, size, &opts, max_depth)?
-                }
+                Some((sio, parent, from_snapshot)) => create_clone(
+                    &conn,
+                    &sio,
+                    &parent,
+                    from_snapshot,
+                    &io,
+                    &img_name,
+                    size,
+                    &opts,
+                    max_depth,
+                )?,
             };
             // Kubernetes' PVC name and namespace (--extra-create-metadata) go on the image for
             // operators; a bare CSI call skips this round trip.
@@ -328,19 +417,33 @@ impl Controller {
         .map_err(Error::ceph(format!("creating image {image}")))?;
         made?;
 
-        Ok(Volume { context: req.params.volume_context(&image), id, size, source: req.source })
+        Ok(Volume {
+            context: req.params.volume_context(&image),
+            id,
+            size,
+            source: req.source,
+        })
     }
 
-    pub async fn delete_volume(&self, volume_id: &str, secrets: &HashMap<String, String>) -> Result<(), Error> {
+    pub async fn delete_volume(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<(), Error> {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let Ok(id) = VolumeId::decode(volume_id) else { return Ok(()) };
+        let Ok(id) = VolumeId::decode(volume_id) else {
+            return Ok(());
+        };
         if naming::is_snapshot_image(&id.image) || self.clusters.get(&id.cluster_id).is_none() {
             return Ok(());
         }
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(volume_id).ok_or_else(|| Error::aborted_in_flight(volume_id))?;
+        let _guard = self
+            .inflight
+            .try_enter(volume_id)
+            .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
         let io = match self.ioctx(&id.cluster_id, &id.pool, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
@@ -351,7 +454,10 @@ impl Controller {
             .map_err(Error::ceph(format!("deleting image {}", id.image)))?
             .map_err(|why| Error::FailedPrecondition(format!("volume {volume_id} {why}")))?;
         if trashed {
-            tracing::info!(volume.id = volume_id, "image has dependents; moved to the RBD trash until they are gone");
+            tracing::info!(
+                volume.id = volume_id,
+                "image has dependents; moved to the RBD trash until they are gone"
+            );
         }
         self.sweep_trash_later(io);
         Ok(())
@@ -359,12 +465,22 @@ impl Controller {
 
     /// Removes trashed images of ours whose dependents have gone. Runs in the background.
     fn sweep_trash_later(&self, io: Arc<IoCtx>) {
-        let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().chain([SNAPSHOT_PREFIX.to_string()]).collect();
+        let prefixes: Vec<String> = self
+            .prefixes
+            .lock()
+            .unwrap()
+            .iter()
+            .cloned()
+            .chain([SNAPSHOT_PREFIX.to_string()])
+            .collect();
         tokio::spawn(async move {
             let res = with_ioctx(io, move |io| {
                 let mut removed = 0;
                 for e in io.trash_list()? {
-                    if e.source == TRASH_SOURCE_USER && prefixes.iter().any(|p| e.name.starts_with(p)) && io.trash_remove(&e.id).is_ok() {
+                    if e.source == TRASH_SOURCE_USER
+                        && prefixes.iter().any(|p| e.name.starts_with(p))
+                        && io.trash_remove(&e.id).is_ok()
+                    {
                         removed += 1;
                     }
                 }
@@ -381,11 +497,20 @@ impl Controller {
 
     // ---------------------------------------------------------------- expand / get / validate
 
-    pub async fn expand_volume(&self, volume_id: &str, required: i64, limit: i64, secrets: &HashMap<String, String>) -> Result<u64, Error> {
+    pub async fn expand_volume(
+        &self,
+        volume_id: &str,
+        required: i64,
+        limit: i64,
+        secrets: &HashMap<String, String>,
+    ) -> Result<u64, Error> {
         let id = self.decode_existing(volume_id)?;
         let size = size_for(required, limit)?;
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(volume_id).ok_or_else(|| Error::aborted_in_flight(volume_id))?;
+        let _guard = self
+            .inflight
+            .try_enter(volume_id)
+            .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
         let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
         let image = id.image.clone();
         with_ioctx(io, move |io| {
@@ -406,29 +531,49 @@ impl Controller {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
-        let id = VolumeId::decode(volume_id).map_err(|e| Error::NotFound(format!("volume {volume_id} does not exist ({e})")))?;
+        let id = VolumeId::decode(volume_id)
+            .map_err(|e| Error::NotFound(format!("volume {volume_id} does not exist ({e})")))?;
         if naming::is_snapshot_image(&id.image) || self.clusters.get(&id.cluster_id).is_none() {
-            return Err(Error::NotFound(format!("volume {volume_id} does not exist")));
+            return Err(Error::NotFound(format!(
+                "volume {volume_id} does not exist"
+            )));
         }
         Ok(id)
     }
 
     /// Size and attachments of an existing volume; NotFound when it is gone.
-    pub async fn get_volume(&self, volume_id: &str, secrets: &HashMap<String, String>) -> Result<VolumeInfo, Error> {
+    pub async fn get_volume(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<VolumeInfo, Error> {
         let id = self.decode_existing(volume_id)?;
         let creds = self.creds(secrets)?;
-        let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await.map_err(|e| match e {
-            Error::InvalidArgument(m) => Error::NotFound(m),
-            e => e,
-        })?;
+        let io = self
+            .ioctx(&id.cluster_id, &id.pool, &creds)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) => Error::NotFound(m),
+                e => e,
+            })?;
         let image = id.image.clone();
         let (size, attachments) = with_ioctx(io, move |io| {
             let img = io.open_image_read_only(&image)?;
             Ok((img.size()?, read_attachments(&img)?))
         })
         .await
-        .map_err(|e| if e.not_found() { Error::NotFound(format!("volume {volume_id} does not exist")) } else { Error::ceph("reading volume")(e) })?;
-        Ok(VolumeInfo { id, size, attachments })
+        .map_err(|e| {
+            if e.not_found() {
+                Error::NotFound(format!("volume {volume_id} does not exist"))
+            } else {
+                Error::ceph("reading volume")(e)
+            }
+        })?;
+        Ok(VolumeInfo {
+            id,
+            size,
+            attachments,
+        })
     }
 
     // ---------------------------------------------------------------- publish / fencing
@@ -444,26 +589,46 @@ impl Controller {
         validate_node_id(node)?;
         let id = self.decode_existing(volume_id)?;
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(volume_id).ok_or_else(|| Error::aborted_in_flight(volume_id))?;
+        let _guard = self
+            .inflight
+            .try_enter(volume_id)
+            .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
         self.require_node(&id.cluster_id, node, &creds).await?;
         let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
         let image = id.image.clone();
-        let want = Attachment { node: node.to_string(), readonly, exclusive };
+        let want = Attachment {
+            node: node.to_string(),
+            readonly,
+            exclusive,
+        };
         let outcome = with_ioctx(io, move |io| {
             let img = io.open_image(&image)?;
             let mut list = read_attachments(&img)?;
             if let Some(existing) = list.iter().find(|a| a.node == want.node) {
-                return Ok(if *existing == want { Ok(()) } else { Err(Fence::Incompatible) });
+                return Ok(if *existing == want {
+                    Ok(())
+                } else {
+                    Err(Fence::Incompatible)
+                });
             }
             if let Some(other) = list.iter().find(|a| a.exclusive || want.exclusive) {
                 return Ok(Err(Fence::Held(other.node.clone())));
             }
             list.push(want);
-            img.metadata_set(ATTACHMENTS_KEY, &serde_json::to_string(&list).unwrap_or_default())?;
+            img.metadata_set(
+                ATTACHMENTS_KEY,
+                &serde_json::to_string(&list).unwrap_or_default(),
+            )?;
             Ok(Ok(()))
         })
         .await
-        .map_err(|e| if e.not_found() { Error::NotFound(format!("volume {volume_id} does not exist")) } else { Error::ceph("publishing")(e) })?;
+        .map_err(|e| {
+            if e.not_found() {
+                Error::NotFound(format!("volume {volume_id} does not exist"))
+            } else {
+                Error::ceph("publishing")(e)
+            }
+        })?;
         match outcome {
             Ok(()) => Ok(HashMap::from([
                 ("attachedNode".to_string(), node.to_string()),
@@ -478,7 +643,12 @@ impl Controller {
         }
     }
 
-    pub async fn unpublish(&self, volume_id: &str, node: &str, secrets: &HashMap<String, String>) -> Result<(), Error> {
+    pub async fn unpublish(
+        &self,
+        volume_id: &str,
+        node: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<(), Error> {
         if volume_id.is_empty() {
             return Err(Error::InvalidArgument("volume_id is required".into()));
         }
@@ -488,7 +658,10 @@ impl Controller {
             Err(e) => return Err(e),
         };
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(volume_id).ok_or_else(|| Error::aborted_in_flight(volume_id))?;
+        let _guard = self
+            .inflight
+            .try_enter(volume_id)
+            .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
         let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
         let image = id.image.clone();
         let node = node.to_string();
@@ -502,7 +675,10 @@ impl Controller {
                 if list.is_empty() {
                     img.metadata_remove(ATTACHMENTS_KEY)?;
                 } else {
-                    img.metadata_set(ATTACHMENTS_KEY, &serde_json::to_string(&list).unwrap_or_default())?;
+                    img.metadata_set(
+                        ATTACHMENTS_KEY,
+                        &serde_json::to_string(&list).unwrap_or_default(),
+                    )?;
                 }
             }
             Ok(())
@@ -514,15 +690,24 @@ impl Controller {
         }
     }
 
-    async fn require_node(&self, cluster_id: &str, node: &str, creds: &Credentials) -> Result<(), Error> {
+    async fn require_node(
+        &self,
+        cluster_id: &str,
+        node: &str,
+        creds: &Credentials,
+    ) -> Result<(), Error> {
         let entry = self.cluster(cluster_id)?;
         let io = self.ioctx(cluster_id, entry.registry_pool(), creds).await?;
         let obj = node_object(node);
-        let known = with_ioctx(io, move |io| io.exists(&obj)).await.map_err(Error::ceph("looking up the node registry"))?;
+        let known = with_ioctx(io, move |io| io.exists(&obj))
+            .await
+            .map_err(Error::ceph("looking up the node registry"))?;
         if known {
             Ok(())
         } else {
-            Err(Error::NotFound(format!("node {node} has not registered with cluster {cluster_id}")))
+            Err(Error::NotFound(format!(
+                "node {node} has not registered with cluster {cluster_id}"
+            )))
         }
     }
 
@@ -530,43 +715,80 @@ impl Controller {
     pub async fn register_node(&self, node: &str, creds: &Credentials) -> Result<(), Error> {
         validate_node_id(node)?;
         for entry in self.clusters.entries() {
-            let io = self.ioctx(&entry.cluster_id, entry.registry_pool(), creds).await?;
+            let io = self
+                .ioctx(&entry.cluster_id, entry.registry_pool(), creds)
+                .await?;
             let obj = node_object(node);
             let body = serde_json::json!({"node": node, "registered": unix_now()}).to_string();
             with_ioctx(io, move |io| io.write_full(&obj, body.as_bytes()))
                 .await
-                .map_err(Error::ceph(format!("registering node {node} in cluster {}", entry.cluster_id)))?;
+                .map_err(Error::ceph(format!(
+                    "registering node {node} in cluster {}",
+                    entry.cluster_id
+                )))?;
         }
         Ok(())
     }
 
     // ---------------------------------------------------------------- snapshots
 
-    pub async fn create_snapshot(&self, name: &str, source_volume: &str, secrets: &HashMap<String, String>) -> Result<Snapshot, Error> {
+    pub async fn create_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<Snapshot, Error> {
         validate_name("name", name)?;
         if source_volume.is_empty() {
-            return Err(Error::InvalidArgument("source_volume_id is required".into()));
+            return Err(Error::InvalidArgument(
+                "source_volume_id is required".into(),
+            ));
         }
         let src = self.decode_existing(source_volume)?;
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(&format!("snapshot/{name}")).ok_or_else(|| Error::aborted_in_flight(name))?;
+        let _guard = self
+            .inflight
+            .try_enter(&format!("snapshot/{name}"))
+            .ok_or_else(|| Error::aborted_in_flight(name))?;
         let conn = self.connect(&src.cluster_id, &creds).await?;
-        let io = self.ioctx(&src.cluster_id, &src.pool, &creds).await.map_err(not_found_source(source_volume))?;
+        let io = self
+            .ioctx(&src.cluster_id, &src.pool, &creds)
+            .await
+            .map_err(not_found_source(source_volume))?;
         let snap_image = naming::snapshot_image(name);
-        let id = SnapshotId { volume: VolumeId::new(&src.cluster_id, &src.pool, &snap_image) };
+        let id = SnapshotId {
+            volume: VolumeId::new(&src.cluster_id, &src.pool, &snap_image),
+        };
         let source_image = src.image.clone();
         let max_depth = self.cfg.max_clone_depth;
-        let opts = ImageOptions { features: super::params::parse_features(super::params::DEFAULT_FEATURES)?, ..Default::default() };
-        let (size, created) = blocking(move || -> Result<Result<(u64, (i64, i32)), Error>, CephError> {
+        let opts = ImageOptions {
+            features: super::params::parse_features(super::params::DEFAULT_FEATURES)?,
+            ..Default::default()
+        };
+        let (size, created) = blocking(move || -> Outcome<(u64, (i64, i32))> {
             let size = match io.open_image_read_only(&source_image) {
-                Err(e) if e.not_found() => return Ok(Err(Error::NotFound(format!("source volume {source_image} does not exist")))),
+                Err(e) if e.not_found() => {
+                    return Ok(Err(Error::NotFound(format!(
+                        "source volume {source_image} does not exist"
+                    ))))
+                }
                 r => r?.size()?,
             };
             let img = match io.open_image(&snap_image) {
                 // Complete from an earlier call: only the size of the source may have moved on.
                 Ok(img) if img.snaps()?.iter().any(|s| s.name == snap_image) => img,
                 _ => {
-                    if let Err(e) = create_clone(&conn, &io, &source_image, false, &io, &snap_image, size, &opts, max_depth)? {
+                    if let Err(e) = create_clone(
+                        &conn,
+                        &io,
+                        &source_image,
+                        false,
+                        &io,
+                        &snap_image,
+                        size,
+                        &opts,
+                        max_depth,
+                    )? {
                         return Ok(Err(e));
                     }
                     let img = io.open_image(&snap_image)?;
@@ -575,28 +797,51 @@ impl Controller {
                 }
             };
             if parent_name(&img)?.as_deref() != Some(source_image.as_str()) {
-                return Ok(Err(Error::AlreadyExists("a snapshot with this name exists for another source volume".into())));
+                return Ok(Err(Error::AlreadyExists(
+                    "a snapshot with this name exists for another source volume".into(),
+                )));
             }
             let snap = img.snaps()?.into_iter().find(|s| s.name == snap_image);
-            let snap = snap.ok_or_else(|| CephError::new("rbd_snap_list", snap_image.clone(), -libc::ENOENT))?;
+            let snap = snap.ok_or_else(|| {
+                CephError::new("rbd_snap_list", snap_image.clone(), -libc::ENOENT)
+            })?;
             Ok(Ok((snap.size, img.snap_timestamp(snap.id)?)))
         })
         .await
         .map_err(Error::ceph(format!("snapshotting {}", src.image)))??;
-        Ok(Snapshot { id, source_volume: src, size, created })
+        Ok(Snapshot {
+            id,
+            source_volume: src,
+            size,
+            created,
+        })
     }
 
-    pub async fn delete_snapshot(&self, snapshot_id: &str, secrets: &HashMap<String, String>) -> Result<(), Error> {
+    pub async fn delete_snapshot(
+        &self,
+        snapshot_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<(), Error> {
         if snapshot_id.is_empty() {
             return Err(Error::InvalidArgument("snapshot_id is required".into()));
         }
-        let Ok(id) = SnapshotId::decode(snapshot_id) else { return Ok(()) };
-        if !naming::is_snapshot_image(&id.volume.image) || self.clusters.get(&id.volume.cluster_id).is_none() {
+        let Ok(id) = SnapshotId::decode(snapshot_id) else {
+            return Ok(());
+        };
+        if !naming::is_snapshot_image(&id.volume.image)
+            || self.clusters.get(&id.volume.cluster_id).is_none()
+        {
             return Ok(());
         }
         let creds = self.creds(secrets)?;
-        let _guard = self.inflight.try_enter(snapshot_id).ok_or_else(|| Error::aborted_in_flight(snapshot_id))?;
-        let io = match self.ioctx(&id.volume.cluster_id, &id.volume.pool, &creds).await {
+        let _guard = self
+            .inflight
+            .try_enter(snapshot_id)
+            .ok_or_else(|| Error::aborted_in_flight(snapshot_id))?;
+        let io = match self
+            .ioctx(&id.volume.cluster_id, &id.volume.pool, &creds)
+            .await
+        {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
@@ -610,20 +855,32 @@ impl Controller {
             remove_or_trash(io, &image)
         })
         .await
-        .map_err(Error::ceph(format!("deleting snapshot {}", id.volume.image)))?
+        .map_err(Error::ceph(format!(
+            "deleting snapshot {}",
+            id.volume.image
+        )))?
         .map_err(|why| Error::FailedPrecondition(format!("snapshot {snapshot_id} {why}")))?;
         self.sweep_trash_later(io);
         Ok(())
     }
 
     /// One snapshot by ID; `None` when it does not exist.
-    async fn snapshot_by_id(&self, id: &SnapshotId, creds: &Credentials) -> Result<Option<Snapshot>, Error> {
-        let io = match self.ioctx(&id.volume.cluster_id, &id.volume.pool, creds).await {
+    async fn snapshot_by_id(
+        &self,
+        id: &SnapshotId,
+        creds: &Credentials,
+    ) -> Result<Option<Snapshot>, Error> {
+        let io = match self
+            .ioctx(&id.volume.cluster_id, &id.volume.pool, creds)
+            .await
+        {
             Err(Error::InvalidArgument(_)) => return Ok(None),
             r => r?,
         };
         let (image, cluster) = (id.volume.image.clone(), id.volume.cluster_id.clone());
-        with_ioctx(io, move |io| read_snapshot(io, &cluster, &image)).await.map_err(Error::ceph("reading snapshot"))
+        with_ioctx(io, move |io| read_snapshot(io, &cluster, &image))
+            .await
+            .map_err(Error::ceph("reading snapshot"))
     }
 
     pub async fn list_snapshots(
@@ -638,17 +895,26 @@ impl Controller {
         let mut all = Vec::new();
         if !snapshot_id.is_empty() {
             if let Ok(id) = SnapshotId::decode(snapshot_id) {
-                if naming::is_snapshot_image(&id.volume.image) && self.clusters.get(&id.volume.cluster_id).is_some() {
+                if naming::is_snapshot_image(&id.volume.image)
+                    && self.clusters.get(&id.volume.cluster_id).is_some()
+                {
                     all.extend(self.snapshot_by_id(&id, &creds).await?);
                 }
             }
-            all.retain(|s: &Snapshot| source_volume.is_empty() || s.source_volume.encode() == source_volume);
+            all.retain(|s: &Snapshot| {
+                source_volume.is_empty() || s.source_volume.encode() == source_volume
+            });
         } else {
             let scope = match source_volume {
                 "" => None,
                 v => match VolumeId::decode(v) {
                     Ok(v) if self.clusters.get(&v.cluster_id).is_some() => Some(v),
-                    _ => return Ok(Page { entries: vec![], next_token: String::new() }),
+                    _ => {
+                        return Ok(Page {
+                            entries: vec![],
+                            next_token: String::new(),
+                        })
+                    }
                 },
             };
             for (cluster, pool) in self.pools(scope.as_ref(), &creds).await? {
@@ -656,7 +922,11 @@ impl Controller {
                 let c = cluster.clone();
                 let found = with_ioctx(io, move |io| {
                     let mut out = Vec::new();
-                    for name in io.list_images()?.into_iter().filter(|n| naming::is_snapshot_image(n)) {
+                    for name in io
+                        .list_images()?
+                        .into_iter()
+                        .filter(|n| naming::is_snapshot_image(n))
+                    {
                         match read_snapshot(io, &c, &name) {
                             Ok(Some(s)) => out.push(s),
                             Ok(None) => {}
@@ -668,7 +938,11 @@ impl Controller {
                 })
                 .await
                 .map_err(Error::ceph(format!("listing snapshots in {pool}")))?;
-                all.extend(found.into_iter().filter(|s| scope.as_ref().is_none_or(|v| &s.source_volume == v)));
+                all.extend(
+                    found
+                        .into_iter()
+                        .filter(|s| scope.as_ref().is_none_or(|v| &s.source_volume == v)),
+                );
             }
         }
         paginate(all, |s| s.id.encode(), max_entries, token)
@@ -677,7 +951,11 @@ impl Controller {
     // ---------------------------------------------------------------- listing / capacity
 
     /// (cluster, pool) pairs to search: RBD pools of each cluster, or just the one in `scope`.
-    async fn pools(&self, scope: Option<&VolumeId>, creds: &Credentials) -> Result<Vec<(String, String)>, Error> {
+    async fn pools(
+        &self,
+        scope: Option<&VolumeId>,
+        creds: &Credentials,
+    ) -> Result<Vec<(String, String)>, Error> {
         if let Some(v) = scope {
             return Ok(vec![(v.cluster_id.clone(), v.pool.clone())]);
         }
@@ -686,12 +964,17 @@ impl Controller {
         ids.sort_by(|a, b| a.cluster_id.cmp(&b.cluster_id));
         for entry in ids {
             let conn = self.connect(&entry.cluster_id, creds).await?;
-            let raw = blocking(move || conn.mon_command(r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#))
-                .await
-                .map_err(Error::ceph("listing pools"))?;
+            let raw = blocking(move || {
+                conn.mon_command(r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#)
+            })
+            .await
+            .map_err(Error::ceph("listing pools"))?;
             let pools: Vec<serde_json::Value> = serde_json::from_slice(&raw).unwrap_or_default();
             for p in pools {
-                let is_rbd = p.get("application_metadata").and_then(|m| m.get("rbd")).is_some();
+                let is_rbd = p
+                    .get("application_metadata")
+                    .and_then(|m| m.get("rbd"))
+                    .is_some();
                 if let (true, Some(name)) = (is_rbd, p.get("pool_name").and_then(|n| n.as_str())) {
                     out.push((entry.cluster_id.clone(), name.to_string()));
                 }
@@ -700,10 +983,16 @@ impl Controller {
         Ok(out)
     }
 
-    pub async fn list_volumes(&self, max_entries: i32, token: &str) -> Result<Page<VolumeInfo>, Error> {
+    pub async fn list_volumes(
+        &self,
+        max_entries: i32,
+        token: &str,
+    ) -> Result<Page<VolumeInfo>, Error> {
         let creds = self.creds(&HashMap::new())?;
         if max_entries < 0 {
-            return Err(Error::InvalidArgument("max_entries must not be negative".into()));
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
         }
         let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().collect();
         let mut all = Vec::new();
@@ -713,12 +1002,20 @@ impl Controller {
             let (c, pl) = (cluster.clone(), pool.clone());
             let found = with_ioctx(io, move |io| {
                 let mut out = Vec::new();
-                for name in io.list_images()?.into_iter().filter(|n| p.iter().any(|p| n.starts_with(p))) {
+                for name in io
+                    .list_images()?
+                    .into_iter()
+                    .filter(|n| p.iter().any(|p| n.starts_with(p)))
+                {
                     let img = match io.open_image_read_only(&name) {
                         Err(e) if e.not_found() => continue,
                         r => r?,
                     };
-                    out.push(VolumeInfo { id: VolumeId::new(&c, &pl, &name), size: img.size()?, attachments: read_attachments(&img)? });
+                    out.push(VolumeInfo {
+                        id: VolumeId::new(&c, &pl, &name),
+                        size: img.size()?,
+                        attachments: read_attachments(&img)?,
+                    });
                 }
                 Ok(out)
             })
@@ -738,20 +1035,29 @@ impl Controller {
                 self.cluster(c)?;
                 vec![c.clone()]
             }
-            None => self.clusters.entries().map(|e| e.cluster_id.clone()).collect(),
+            None => self
+                .clusters
+                .entries()
+                .map(|e| e.cluster_id.clone())
+                .collect(),
         };
         let pool = params.get("pool").cloned();
         let mut total = 0u64;
         for id in ids {
             let conn = self.connect(&id, &creds).await?;
-            let raw = blocking(move || conn.mon_command(r#"{"prefix":"df","format":"json"}"#)).await.map_err(Error::ceph("ceph df"))?;
-            let df: serde_json::Value = serde_json::from_slice(&raw).map_err(|e| Error::Internal(format!("parsing ceph df: {e}")))?;
+            let raw = blocking(move || conn.mon_command(r#"{"prefix":"df","format":"json"}"#))
+                .await
+                .map_err(Error::ceph("ceph df"))?;
+            let df: serde_json::Value = serde_json::from_slice(&raw)
+                .map_err(|e| Error::Internal(format!("parsing ceph df: {e}")))?;
             total += match &pool {
                 Some(p) => df["pools"]
                     .as_array()
                     .and_then(|ps| ps.iter().find(|x| x["name"] == p.as_str()))
                     .and_then(|x| x["stats"]["max_avail"].as_u64())
-                    .ok_or_else(|| Error::InvalidArgument(format!("pool {p:?} does not exist in cluster {id}")))?,
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!("pool {p:?} does not exist in cluster {id}"))
+                    })?,
                 None => df["stats"]["total_avail_bytes"].as_u64().unwrap_or(0),
             };
         }
@@ -759,7 +1065,11 @@ impl Controller {
     }
 
     /// Whether `volume_id` names an existing volume (for ValidateVolumeCapabilities).
-    pub async fn exists(&self, volume_id: &str, secrets: &HashMap<String, String>) -> Result<VolumeId, Error> {
+    pub async fn exists(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<VolumeId, Error> {
         self.get_volume(volume_id, secrets).await.map(|v| v.id)
     }
 }
@@ -791,7 +1101,10 @@ fn ignore_missing(r: Result<(), CephError>) -> Result<(), CephError> {
 }
 
 fn unix_now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Opens an image; one whose creation was interrupted before its header existed is removed, and
@@ -809,24 +1122,32 @@ fn open_or_discard_partial(io: &IoCtx, name: &str) -> Result<Option<Image>, Ceph
 }
 
 /// Creates an empty image, or accepts the one a previous attempt made if it matches.
-fn create_plain(io: &IoCtx, name: &str, size: u64, opts: &ImageOptions) -> Result<Result<(), Error>, CephError> {
+fn create_plain(io: &IoCtx, name: &str, size: u64, opts: &ImageOptions) -> Outcome<()> {
     for _ in 0..2 {
         match io.create_image(name, size, opts) {
             Ok(()) => return Ok(Ok(())),
             Err(e) if e.exists() => {}
             Err(e) => return Err(e),
         }
-        let Some(img) = open_or_discard_partial(io, name)? else { continue };
+        let Some(img) = open_or_discard_partial(io, name)? else {
+            continue;
+        };
         if img.parent()?.is_some() {
-            return Ok(Err(Error::AlreadyExists(format!("volume {name} exists with a content source"))));
+            return Ok(Err(Error::AlreadyExists(format!(
+                "volume {name} exists with a content source"
+            ))));
         }
         let have = img.size()?;
         if have != size {
-            return Ok(Err(Error::AlreadyExists(format!("volume exists with size {have}, not {size}"))));
+            return Ok(Err(Error::AlreadyExists(format!(
+                "volume exists with size {have}, not {size}"
+            ))));
         }
         return Ok(Ok(()));
     }
-    Ok(Err(Error::Aborted(format!("image {name} keeps appearing half-made; retry"))))
+    Ok(Err(Error::Aborted(format!(
+        "image {name} keeps appearing half-made; retry"
+    ))))
 }
 
 /// Creates `name` as a clone of a snapshot image, or of a volume through a temporary snapshot.
@@ -841,22 +1162,36 @@ fn create_clone(
     size: u64,
     opts: &ImageOptions,
     max_depth: u32,
-) -> Result<Result<(), Error>, CephError> {
+) -> Outcome<()> {
     let src = match sio.open_image(parent) {
-        Err(e) if e.not_found() => return Ok(Err(Error::NotFound(format!("content source {parent} does not exist")))),
+        Err(e) if e.not_found() => {
+            return Ok(Err(Error::NotFound(format!(
+                "content source {parent} does not exist"
+            ))))
+        }
         r => r?,
     };
-    let snap = if from_snapshot { parent.to_string() } else { naming::temp_snap(name) };
+    let snap = if from_snapshot {
+        parent.to_string()
+    } else {
+        naming::temp_snap(name)
+    };
     let src_size = if from_snapshot {
         match src.snaps()?.into_iter().find(|s| s.name == snap) {
             Some(s) => s.size,
-            None => return Ok(Err(Error::NotFound(format!("snapshot {parent} does not exist")))),
+            None => {
+                return Ok(Err(Error::NotFound(format!(
+                    "snapshot {parent} does not exist"
+                ))))
+            }
         }
     } else {
         src.size()?
     };
     if size < src_size {
-        return Ok(Err(Error::OutOfRange(format!("requested {size} bytes is smaller than the source's {src_size}"))));
+        return Ok(Err(Error::OutOfRange(format!(
+            "requested {size} bytes is smaller than the source's {src_size}"
+        ))));
     }
     for _ in 0..2 {
         if !from_snapshot {
@@ -867,13 +1202,19 @@ fn create_clone(
             Err(e) if e.exists() => {}
             Err(e) => return Err(e),
         }
-        let Some(img) = open_or_discard_partial(io, name)? else { continue };
+        let Some(img) = open_or_discard_partial(io, name)? else {
+            continue;
+        };
         if parent_name(&img)?.as_deref() != Some(parent) {
-            return Ok(Err(Error::AlreadyExists(format!("volume {name} exists with a different content source"))));
+            return Ok(Err(Error::AlreadyExists(format!(
+                "volume {name} exists with a different content source"
+            ))));
         }
         let have = img.size()?;
         if have != size && have != src_size {
-            return Ok(Err(Error::AlreadyExists(format!("volume exists with size {have}, not {size}"))));
+            return Ok(Err(Error::AlreadyExists(format!(
+                "volume exists with size {have}, not {size}"
+            ))));
         }
         if have < size {
             img.resize(size)?;
@@ -883,14 +1224,19 @@ fn create_clone(
             ignore_missing(src.snap_remove(&snap))?;
         }
         if clone_depth(conn, &img)? > max_depth {
-            tracing::info!(image = name, "clone chain is deeper than {max_depth}; flattening");
+            tracing::info!(
+                image = name,
+                "clone chain is deeper than {max_depth}; flattening"
+            );
             // Remember where it came from: idempotency and ListSnapshots still need to know.
             img.metadata_set(PARENT_KEY, parent)?;
             img.flatten()?;
         }
         return Ok(Ok(()));
     }
-    Ok(Err(Error::Aborted(format!("image {name} keeps appearing half-made; retry"))))
+    Ok(Err(Error::Aborted(format!(
+        "image {name} keeps appearing half-made; retry"
+    ))))
 }
 
 /// Removes an image, or moves it to the trash when snapshots or clones still depend on it.
@@ -899,23 +1245,35 @@ fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, String>, CephE
     match io.remove_image(name) {
         Ok(()) => Ok(Ok(false)),
         Err(e) if e.not_found() => Ok(Ok(false)),
-        Err(e) if e.is(libc::EBUSY) => Ok(Err("is still in use: the image is mapped or watched by a client".into())),
+        Err(e) if e.is(libc::EBUSY) => Ok(Err(
+            "is still in use: the image is mapped or watched by a client".into(),
+        )),
         Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
             // Drop our own leftover temporary snapshots; then trash what still has dependents.
             if let Ok(img) = io.open_image(name) {
-                for s in img.snaps()?.into_iter().filter(|s| s.name.starts_with(naming::TEMP_SNAP_PREFIX)) {
+                for s in img
+                    .snaps()?
+                    .into_iter()
+                    .filter(|s| s.name.starts_with(naming::TEMP_SNAP_PREFIX))
+                {
                     ignore_missing(img.snap_remove(&s.name))?;
                 }
             }
             match io.remove_image(name) {
                 Ok(()) => return Ok(Ok(false)),
                 Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {}
-                Err(e) if e.is(libc::EBUSY) => return Ok(Err("is still in use: the image is mapped or watched by a client".into())),
+                Err(e) if e.is(libc::EBUSY) => {
+                    return Ok(Err(
+                        "is still in use: the image is mapped or watched by a client".into(),
+                    ))
+                }
                 Err(e) => return Err(e),
             }
             match io.trash_move(name) {
                 Ok(()) => Ok(Ok(true)),
-                Err(e) if e.is(libc::EBUSY) => Ok(Err("is still in use: the image is mapped or watched by a client".into())),
+                Err(e) if e.is(libc::EBUSY) => Ok(Err(
+                    "is still in use: the image is mapped or watched by a client".into(),
+                )),
                 Err(e) => Err(e),
             }
         }
@@ -936,10 +1294,14 @@ fn read_snapshot(io: &IoCtx, cluster: &str, image: &str) -> Result<Option<Snapsh
         Err(e) if e.not_found() => return Ok(None),
         r => r?,
     };
-    let Some(snap) = img.snaps()?.into_iter().find(|s| s.name == image) else { return Ok(None) };
+    let Some(snap) = img.snaps()?.into_iter().find(|s| s.name == image) else {
+        return Ok(None);
+    };
     let source = VolumeId::new(cluster, io.pool(), &parent_name(&img)?.unwrap_or_default());
     Ok(Some(Snapshot {
-        id: SnapshotId { volume: VolumeId::new(cluster, io.pool(), image) },
+        id: SnapshotId {
+            volume: VolumeId::new(cluster, io.pool(), image),
+        },
         source_volume: source,
         size: snap.size,
         created: img.snap_timestamp(snap.id)?,
@@ -948,22 +1310,38 @@ fn read_snapshot(io: &IoCtx, cluster: &str, image: &str) -> Result<Option<Snapsh
 
 /// Sorted, token-based pagination: the token is the ID of the last entry returned, so entries
 /// deleted or added between pages neither repeat nor shift the rest.
-fn paginate<T>(mut all: Vec<T>, key: impl Fn(&T) -> String, max_entries: i32, token: &str) -> Result<Page<T>, Error> {
+fn paginate<T>(
+    mut all: Vec<T>,
+    key: impl Fn(&T) -> String,
+    max_entries: i32,
+    token: &str,
+) -> Result<Page<T>, Error> {
     if max_entries < 0 {
-        return Err(Error::InvalidArgument("max_entries must not be negative".into()));
+        return Err(Error::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
     }
     all.sort_by_key(&key);
     if !token.is_empty() && VolumeId::decode(token).is_err() {
-        return Err(Error::Aborted(format!("starting_token {token:?} is not a token this driver issued")));
+        return Err(Error::Aborted(format!(
+            "starting_token {token:?} is not a token this driver issued"
+        )));
     }
-    let start = if token.is_empty() { 0 } else { all.partition_point(|e| key(e).as_str() <= token) };
+    let start = if token.is_empty() {
+        0
+    } else {
+        all.partition_point(|e| key(e).as_str() <= token)
+    };
     let mut rest: Vec<T> = all.into_iter().skip(start).collect();
     let mut next_token = String::new();
     if max_entries > 0 && rest.len() > max_entries as usize {
         rest.truncate(max_entries as usize);
         next_token = rest.last().map(&key).unwrap_or_default();
     }
-    Ok(Page { entries: rest, next_token })
+    Ok(Page {
+        entries: rest,
+        next_token,
+    })
 }
 
 #[cfg(test)]
@@ -976,7 +1354,10 @@ mod tests {
         assert_eq!(size_for(0, 0).unwrap(), DEFAULT_SIZE);
         assert_eq!(size_for(0, 10 * MIB as i64).unwrap(), 10 * MIB);
         assert_eq!(size_for(5 * MIB as i64 + 1, 0).unwrap(), 6 * MIB);
-        assert!(matches!(size_for(5 * MIB as i64 + 1, 5 * MIB as i64 + 2), Err(Error::OutOfRange(_))));
+        assert!(matches!(
+            size_for(5 * MIB as i64 + 1, 5 * MIB as i64 + 2),
+            Err(Error::OutOfRange(_))
+        ));
         assert!(matches!(size_for(-1, 0), Err(Error::InvalidArgument(_))));
         assert!(matches!(size_for(i64::MAX, 0), Err(Error::OutOfRange(_))));
         assert!(matches!(size_for(10, 5), Err(Error::InvalidArgument(_))));
@@ -992,7 +1373,9 @@ mod tests {
 
     #[test]
     fn pagination_resumes_after_the_last_returned_id_even_if_it_was_deleted() {
-        let ids: Vec<String> = (0..5).map(|i| VolumeId::new("c", "p", &format!("img{i}")).encode()).collect();
+        let ids: Vec<String> = (0..5)
+            .map(|i| VolumeId::new("c", "p", &format!("img{i}")).encode())
+            .collect();
         let p1 = paginate(ids.clone(), |s| s.clone(), 2, "").unwrap();
         assert_eq!(p1.entries, ids[..2]);
         let without_last: Vec<String> = ids.iter().filter(|s| **s != ids[1]).cloned().collect();
@@ -1001,6 +1384,9 @@ mod tests {
         let p3 = paginate(ids.clone(), |s| s.clone(), 2, &p2.next_token).unwrap();
         assert_eq!(p3.entries, ids[4..]);
         assert!(p3.next_token.is_empty());
-        assert!(matches!(paginate(ids, |s| s.clone(), 2, "bogus"), Err(Error::Aborted(_))));
+        assert!(matches!(
+            paginate(ids, |s| s.clone(), 2, "bogus"),
+            Err(Error::Aborted(_))
+        ));
     }
 }

@@ -21,7 +21,10 @@ impl InFlight {
         if !set.insert(key.to_string()) {
             return None;
         }
-        Some(InFlightGuard { keys: self.keys.clone(), key: key.to_string() })
+        Some(InFlightGuard {
+            keys: self.keys.clone(),
+            key: key.to_string(),
+        })
     }
 
     pub fn len(&self) -> usize {

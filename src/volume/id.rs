@@ -32,7 +32,11 @@ pub struct IdError {
 
 impl VolumeId {
     pub fn new(cluster_id: &str, pool: &str, image: &str) -> Self {
-        Self { cluster_id: cluster_id.into(), pool: pool.into(), image: image.into() }
+        Self {
+            cluster_id: cluster_id.into(),
+            pool: pool.into(),
+            image: image.into(),
+        }
     }
 
     pub fn encode(&self) -> String {
@@ -47,11 +51,17 @@ impl VolumeId {
     }
 
     pub fn decode(id: &str) -> Result<Self, IdError> {
-        let err = |why| IdError { kind: "volume", id: truncate(id), why };
+        let err = |why| IdError {
+            kind: "volume",
+            id: truncate(id),
+            why,
+        };
         if id.len() > MAX_ID_LEN {
             return Err(err("longer than 128 bytes"));
         }
-        let rest = id.strip_prefix("0001-").ok_or_else(|| err("unknown version"))?;
+        let rest = id
+            .strip_prefix("0001-")
+            .ok_or_else(|| err("unknown version"))?;
         let (cluster_id, rest) = take_prefixed(rest).ok_or_else(|| err("bad cluster field"))?;
         let (pool, image) = take_prefixed(rest).ok_or_else(|| err("bad pool field"))?;
         if image.is_empty() || image.contains('/') || image.contains('@') {
@@ -94,7 +104,12 @@ impl SnapshotId {
 
     /// A snapshot is an image of its own, so its ID has the same shape as a volume ID.
     pub fn decode(id: &str) -> Result<Self, IdError> {
-        VolumeId::decode(id).map(|volume| Self { volume }).map_err(|e| IdError { kind: "snapshot", ..e })
+        VolumeId::decode(id)
+            .map(|volume| Self { volume })
+            .map_err(|e| IdError {
+                kind: "snapshot",
+                ..e
+            })
     }
 }
 
@@ -111,13 +126,22 @@ mod tests {
 
     #[test]
     fn snapshot_id_round_trips() {
-        let s = SnapshotId { volume: VolumeId::new("c", "rbd", "csi-snap-y") };
+        let s = SnapshotId {
+            volume: VolumeId::new("c", "rbd", "csi-snap-y"),
+        };
         assert_eq!(SnapshotId::decode(&s.encode()).unwrap(), s);
     }
 
     #[test]
     fn malformed_ids_are_rejected() {
-        for bad in ["", "fake-vol-id-1", "0001-zzzz-a-0003-rbd-x", "0001-0010-short", "0002-0001-a-0001-b-c", "0001-0001-a-0001-b-"] {
+        for bad in [
+            "",
+            "fake-vol-id-1",
+            "0001-zzzz-a-0003-rbd-x",
+            "0001-0010-short",
+            "0002-0001-a-0001-b-c",
+            "0001-0001-a-0001-b-",
+        ] {
             assert!(VolumeId::decode(bad).is_err(), "{bad}");
         }
         assert!(VolumeId::decode(&"x".repeat(200)).is_err());

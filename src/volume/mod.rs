@@ -31,17 +31,34 @@ impl Credentials {
         let key = secrets.get("userKey").filter(|s| !s.is_empty());
         match (user, key) {
             (Some(u), Some(k)) => {
-                if u.len() > 128 || !u.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.')) {
-                    return Err(Error::InvalidArgument("secret userID is not a valid cephx user name".into()));
+                if u.len() > 128
+                    || !u
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                {
+                    return Err(Error::InvalidArgument(
+                        "secret userID is not a valid cephx user name".into(),
+                    ));
                 }
                 // A cephx key is base64; reject anything else before librados sees it.
-                if k.len() > 256 || !k.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=')) {
-                    return Err(Error::InvalidArgument("secret userKey is not a valid cephx key".into()));
+                if k.len() > 256
+                    || !k
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='))
+                {
+                    return Err(Error::InvalidArgument(
+                        "secret userKey is not a valid cephx key".into(),
+                    ));
                 }
                 let user = u.strip_prefix("client.").unwrap_or(u).to_string();
-                Ok(Self { user, key: Secret::new(k.clone()) })
+                Ok(Self {
+                    user,
+                    key: Secret::new(k.clone()),
+                })
             }
-            _ => Err(Error::InvalidArgument("secrets userID and userKey are required".into())),
+            _ => Err(Error::InvalidArgument(
+                "secrets userID and userKey are required".into(),
+            )),
         }
     }
 

@@ -15,7 +15,11 @@ pub fn digest(name: &str) -> String {
 }
 
 pub fn volume_image(prefix: Option<&str>, request_name: &str) -> String {
-    format!("{}{}", prefix.unwrap_or(VOLUME_PREFIX), digest(request_name))
+    format!(
+        "{}{}",
+        prefix.unwrap_or(VOLUME_PREFIX),
+        digest(request_name)
+    )
 }
 
 pub fn snapshot_image(request_name: &str) -> String {

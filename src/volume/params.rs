@@ -32,10 +32,12 @@ pub struct VolumeParams {
 impl VolumeParams {
     pub fn parse(map: &HashMap<String, String>) -> Result<Self, Error> {
         let value = serde_json::to_value(map).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let p: VolumeParams =
-            serde_json::from_value(value).map_err(|e| Error::InvalidArgument(format!("parameters: {e}")))?;
+        let p: VolumeParams = serde_json::from_value(value)
+            .map_err(|e| Error::InvalidArgument(format!("parameters: {e}")))?;
         if p.cluster_id.is_empty() {
-            return Err(Error::InvalidArgument("parameter clusterID is required".into()));
+            return Err(Error::InvalidArgument(
+                "parameter clusterID is required".into(),
+            ));
         }
         if p.pool.is_empty() {
             return Err(Error::InvalidArgument("parameter pool is required".into()));
@@ -53,18 +55,30 @@ impl VolumeParams {
         }
         if let Some(fs) = &p.fs_type {
             if !matches!(fs.as_str(), "ext4" | "xfs" | "") {
-                return Err(Error::InvalidArgument(format!("csi.storage.k8s.io/fstype {fs:?}: only ext4 and xfs")));
+                return Err(Error::InvalidArgument(format!(
+                    "csi.storage.k8s.io/fstype {fs:?}: only ext4 and xfs"
+                )));
             }
         }
         if let Some(m) = &p.mounter {
-            if !matches!(m.as_str(), "" | "rbd" | "krbd" | "nbd" | "rbd-nbd" | "fuse" | "rbd-fuse" | "auto") {
-                return Err(Error::InvalidArgument(format!("mounter {m:?}: use krbd, nbd, fuse or auto")));
+            if !matches!(
+                m.as_str(),
+                "" | "rbd" | "krbd" | "nbd" | "rbd-nbd" | "fuse" | "rbd-fuse" | "auto"
+            ) {
+                return Err(Error::InvalidArgument(format!(
+                    "mounter {m:?}: use krbd, nbd, fuse or auto"
+                )));
             }
         }
-        for (k, v) in [("mkfsOptions", &p.mkfs_options), ("mapOptions", &p.map_options)] {
+        for (k, v) in [
+            ("mkfsOptions", &p.mkfs_options),
+            ("mapOptions", &p.map_options),
+        ] {
             if let Some(v) = v {
                 if v.chars().any(|c| c.is_control()) {
-                    return Err(Error::InvalidArgument(format!("{k} contains control characters")));
+                    return Err(Error::InvalidArgument(format!(
+                        "{k} contains control characters"
+                    )));
                 }
             }
         }
@@ -73,12 +87,21 @@ impl VolumeParams {
     }
 
     pub fn features(&self) -> Result<u64, Error> {
-        parse_features(self.image_features.as_deref().filter(|s| !s.is_empty()).unwrap_or(DEFAULT_FEATURES))
+        parse_features(
+            self.image_features
+                .as_deref()
+                .filter(|s| !s.is_empty())
+                .unwrap_or(DEFAULT_FEATURES),
+        )
     }
 
     /// Keys we did not recognise and that do not belong to the CO.
     pub fn unknown_keys(&self) -> Vec<&str> {
-        self.other.keys().filter(|k| !k.starts_with("csi.storage.k8s.io/")).map(|s| s.as_str()).collect()
+        self.other
+            .keys()
+            .filter(|k| !k.starts_with("csi.storage.k8s.io/"))
+            .map(|s| s.as_str())
+            .collect()
     }
 
     /// What NodeStage needs to know about the volume.
@@ -98,7 +121,12 @@ impl VolumeParams {
                 ctx.insert(k.into(), v.clone());
             }
         }
-        ctx.insert("imageFeatures".into(), self.image_features.clone().unwrap_or_else(|| DEFAULT_FEATURES.into()));
+        ctx.insert(
+            "imageFeatures".into(),
+            self.image_features
+                .clone()
+                .unwrap_or_else(|| DEFAULT_FEATURES.into()),
+        );
         ctx
     }
 }
@@ -109,7 +137,9 @@ pub(crate) fn safe_name_byte(b: u8) -> bool {
 
 fn check_name(what: &str, v: &str) -> Result<(), Error> {
     if v.is_empty() || v.len() > 64 || v.starts_with('.') || !v.bytes().all(safe_name_byte) {
-        return Err(Error::InvalidArgument(format!("{what} {v:?} is not a valid pool name")));
+        return Err(Error::InvalidArgument(format!(
+            "{what} {v:?} is not a valid pool name"
+        )));
     }
     Ok(())
 }
@@ -125,21 +155,33 @@ pub fn parse_features(list: &str) -> Result<u64, Error> {
             "fast-diff" => 1 << 4,
             "deep-flatten" => 1 << 5,
             "journaling" => 1 << 6,
-            other => return Err(Error::InvalidArgument(format!("imageFeatures: unknown feature {other:?}"))),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "imageFeatures: unknown feature {other:?}"
+                )))
+            }
         };
     }
     let has = |b: u64| bits & (1 << b) != 0;
     if has(3) && !has(2) {
-        return Err(Error::InvalidArgument("imageFeatures: object-map needs exclusive-lock".into()));
+        return Err(Error::InvalidArgument(
+            "imageFeatures: object-map needs exclusive-lock".into(),
+        ));
     }
     if has(4) && !has(3) {
-        return Err(Error::InvalidArgument("imageFeatures: fast-diff needs object-map".into()));
+        return Err(Error::InvalidArgument(
+            "imageFeatures: fast-diff needs object-map".into(),
+        ));
     }
     if has(6) && !has(2) {
-        return Err(Error::InvalidArgument("imageFeatures: journaling needs exclusive-lock".into()));
+        return Err(Error::InvalidArgument(
+            "imageFeatures: journaling needs exclusive-lock".into(),
+        ));
     }
     if !has(0) {
-        return Err(Error::InvalidArgument("imageFeatures: layering is required (snapshots and clones)".into()));
+        return Err(Error::InvalidArgument(
+            "imageFeatures: layering is required (snapshots and clones)".into(),
+        ));
     }
     Ok(bits)
 }
@@ -149,7 +191,9 @@ mod tests {
     use super::*;
 
     fn map(kv: &[(&str, &str)]) -> HashMap<String, String> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -172,9 +216,29 @@ mod tests {
     fn rejects_missing_and_invalid_values() {
         assert!(VolumeParams::parse(&map(&[("pool", "rbd")])).is_err());
         assert!(VolumeParams::parse(&map(&[("clusterID", "c"), ("pool", "a/b")])).is_err());
-        assert!(VolumeParams::parse(&map(&[("clusterID", "c"), ("pool", "rbd"), ("imageFeatures", "magic")])).is_err());
-        assert!(VolumeParams::parse(&map(&[("clusterID", "c"), ("pool", "rbd"), ("imageFeatures", "layering,fast-diff")])).is_err());
-        assert!(VolumeParams::parse(&map(&[("clusterID", "c"), ("pool", "rbd"), ("mkfsOptions", "-E\u{1}")])).is_err());
-        assert!(VolumeParams::parse(&map(&[("clusterID", "c"), ("pool", "rbd"), ("csi.storage.k8s.io/fstype", "zfs")])).is_err());
+        assert!(VolumeParams::parse(&map(&[
+            ("clusterID", "c"),
+            ("pool", "rbd"),
+            ("imageFeatures", "magic")
+        ]))
+        .is_err());
+        assert!(VolumeParams::parse(&map(&[
+            ("clusterID", "c"),
+            ("pool", "rbd"),
+            ("imageFeatures", "layering,fast-diff")
+        ]))
+        .is_err());
+        assert!(VolumeParams::parse(&map(&[
+            ("clusterID", "c"),
+            ("pool", "rbd"),
+            ("mkfsOptions", "-E\u{1}")
+        ]))
+        .is_err());
+        assert!(VolumeParams::parse(&map(&[
+            ("clusterID", "c"),
+            ("pool", "rbd"),
+            ("csi.storage.k8s.io/fstype", "zfs")
+        ]))
+        .is_err());
     }
 }
