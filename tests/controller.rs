@@ -7,6 +7,7 @@ use common::*;
 use rook_rbd::csi::proto::{
     self, volume_capability::access_mode::Mode, volume_content_source as vcs,
 };
+use rook_rbd::volume::naming::volume_image;
 use std::time::Duration;
 use tonic::Code;
 
@@ -314,12 +315,16 @@ async fn delete_of_a_watched_image_is_refused_with_failed_precondition() {
         .volume
         .unwrap();
     let image = image_of(&v.volume_id);
-    // `rbd watch` holds a watch on the header, as a mapped image does.
+    // A client with the image open holds a watch on its header, as a mapped image does.
     let mut watch = std::process::Command::new("rbd")
         .args([
             "-c",
             c.dir.join("ceph.conf").to_str().unwrap(),
-            "watch",
+            "bench",
+            "--io-type",
+            "read",
+            "--io-total",
+            "1T",
             &format!("rbd/{image}"),
         ])
         .stdout(std::process::Stdio::null())
@@ -581,8 +586,9 @@ async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
     let c = cluster_or_return!();
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
-    let images_before = c.images().len();
+    let tried = std::sync::Mutex::new(Vec::<String>::new());
     let check = |req: proto::CreateVolumeRequest, want: Code, why: &'static str| {
+        tried.lock().unwrap().push(req.name.clone());
         let mut cl = cl.clone();
         let key = c.key.clone();
         async move {
@@ -651,10 +657,17 @@ async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
     let e = raw_create_with_invalid_utf8(&d.endpoint).await;
     assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
 
-    assert_eq!(
-        c.images().len(),
-        images_before,
-        "a refused request creates nothing"
+    let images = c.images();
+    let made: Vec<String> = tried
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|n| images.contains(&volume_image(None, n)))
+        .cloned()
+        .collect();
+    assert!(
+        made.is_empty(),
+        "a refused request creates nothing, but these exist: {made:?}"
     );
     let e = cl
         .controller
@@ -836,4 +849,115 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
     );
     drop(d);
     dev(&["down"], false);
+}
+
+/// librbd copies image metadata into clones; a clone or snapshot of a published volume must not
+/// inherit the source's attachment and so be fenced to the source's node.
+#[tokio::test]
+async fn a_clone_of_a_published_volume_is_not_attached_anywhere() {
+    let c = cluster_or_return!();
+    let d = Driver::start(&c, &["--controller"]);
+    let mut cl = d.client().await;
+    let (a, b) = (unique("clone-node-a"), unique("clone-node-b"));
+    c.register_node(&a);
+    c.register_node(&b);
+    let src = cl
+        .controller
+        .create_volume(create_req(&c, &unique("clone-src"), 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let publish = |vol: &str, node: &str| proto::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        volume_capability: Some(cap_with_mode(false, Mode::SingleNodeWriter)),
+        readonly: false,
+        secrets: c.secrets(),
+        volume_context: Default::default(),
+    };
+    cl.controller
+        .controller_publish_volume(publish(&src.volume_id, &a))
+        .await
+        .unwrap();
+    let mut req = create_req(&c, &unique("clone"), 16 * MIB);
+    req.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Volume(vcs::VolumeSource {
+            volume_id: src.volume_id.clone(),
+        })),
+    });
+    let clone = cl
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let snap = cl
+        .controller
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: src.volume_id.clone(),
+            name: unique("clone-snap"),
+            secrets: c.secrets(),
+            parameters: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let got = cl
+        .controller
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: clone.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        got.status.unwrap().published_node_ids.is_empty(),
+        "the clone inherited an attachment"
+    );
+    let meta = c.rbd(&[
+        "image-meta",
+        "list",
+        &format!("rbd/{}", image_of(&snap.snapshot_id)),
+    ]);
+    assert!(
+        !meta.contains("rook-rbd.attachments"),
+        "the snapshot image inherited an attachment:\n{meta}"
+    );
+    cl.controller
+        .controller_publish_volume(publish(&clone.volume_id, &b))
+        .await
+        .unwrap();
+
+    for (vol, node) in [(&src.volume_id, &a), (&clone.volume_id, &b)] {
+        cl.controller
+            .controller_unpublish_volume(proto::ControllerUnpublishVolumeRequest {
+                volume_id: vol.clone(),
+                node_id: node.clone(),
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
+    }
+    cl.controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id,
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+    for id in [clone.volume_id, src.volume_id] {
+        cl.controller
+            .delete_volume(proto::DeleteVolumeRequest {
+                volume_id: id,
+                secrets: c.secrets(),
+            })
+            .await
+            .unwrap();
+    }
 }

@@ -1003,7 +1003,6 @@ async fn stats_report_an_abnormal_condition_when_the_mapping_is_gone() {
 /// The lexical path check is not enough if a directory under kubelet's dir is a symlink to
 /// somewhere else: the mount must not land outside.
 #[tokio::test]
-#[ignore = "driver bug: request paths are checked lexically, symlinks are followed (run with --ignored)"]
 async fn a_symlink_under_the_kubelet_dir_does_not_carry_a_mount_outside() {
     let c = cluster_or_return!();
     let mut env = Env::start(c).await;

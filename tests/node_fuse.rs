@@ -24,10 +24,18 @@ struct Cluster {
 
 fn cluster() -> Option<Cluster> {
     let Some(dir) = std::env::var_os("ROOK_RBD_TEST_CEPH_DIR") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run integration tests with ROOK_RBD_TEST_CEPH_DIR set"
+        );
         eprintln!("SKIPPED: set ROOK_RBD_TEST_CEPH_DIR to a scripts/ceph-dev.sh cluster directory");
         return None;
     };
-    let dir = PathBuf::from(dir);
+    Some(cluster_in(&PathBuf::from(dir)))
+}
+
+fn cluster_in(dir: &Path) -> Cluster {
+    let dir = dir.to_path_buf();
     let cfg: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster-config.json")).unwrap()).unwrap();
     let monitors = cfg[0]["monitors"]
@@ -44,11 +52,44 @@ fn cluster() -> Option<Cluster> {
             (k.trim() == "key").then(|| v.trim().to_string())
         })
         .expect("key line in admin keyring");
-    Some(Cluster {
+    Cluster {
         conf: dir.join("ceph.conf"),
         monitors,
         key: Secret::new(key),
-    })
+    }
+}
+
+/// A private dev cluster for tests that must stop the cluster, so the shared one stays up.
+struct OwnCluster(tempfile::TempDir);
+
+impl OwnCluster {
+    fn start(port: u16) -> OwnCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("rook-rbd-own")
+            .tempdir_in("/tmp")
+            .unwrap();
+        Self::dev(&["up"], dir.path(), port);
+        OwnCluster(dir)
+    }
+
+    fn dev(args: &[&str], dir: &Path, port: u16) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-dev.sh");
+        let st = std::process::Command::new("bash")
+            .arg(script)
+            .args(args)
+            .arg(dir)
+            .env("CEPH_DEV_MON_PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "ceph-dev.sh {args:?}");
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        Self::dev(&["down"], self.0.path(), 0);
+    }
 }
 
 /// An image plus a private node environment; everything is torn down on drop, even on panic.
@@ -496,15 +537,16 @@ impl Drop for Frozen {
 
 /// Stops the cluster's mon and osd (SIGSTOP) while a volume is staged with unflushed data:
 /// a plain umount of the rbd-fuse mount would hang forever; unstage must still finish, bounded.
-/// Opt-in with ROOK_RBD_TEST_FREEZE_CLUSTER=1, because it pauses the whole cluster for a while.
+/// It runs on a cluster of its own, because it pauses that cluster for a while.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fuse_unstage_finishes_when_the_cluster_is_unreachable() {
-    let Some(cluster) = cluster() else { return };
-    if std::env::var_os("ROOK_RBD_TEST_FREEZE_CLUSTER").is_none() {
-        eprintln!("SKIPPED: set ROOK_RBD_TEST_FREEZE_CLUSTER=1 to pause the cluster in this test");
+    // Runs on a private cluster: pausing the shared one would stall every other test.
+    if cluster().is_none() {
         return;
     }
-    let dir = PathBuf::from(std::env::var_os("ROOK_RBD_TEST_CEPH_DIR").unwrap());
+    let own = OwnCluster::start(3396);
+    let dir = own.0.path().to_path_buf();
+    let cluster = cluster_in(&dir);
     let env = Env::new(cluster, "frozen");
     let staging = env.root().join("plugins/staging/frozen");
     let st = staging.to_str().unwrap();

@@ -92,6 +92,11 @@ impl Connection {
         &self.fsid
     }
 
+    /// The I/O context for a pool if one was created before; never blocks.
+    pub fn cached_ioctx(&self, pool: &str) -> Option<Arc<IoCtx>> {
+        self.ioctxs.lock().unwrap().get(pool).cloned()
+    }
+
     /// The I/O context for a pool, created once and then shared.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>> {
         if let Some(io) = self.ioctxs.lock().unwrap().get(pool) {

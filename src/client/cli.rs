@@ -40,6 +40,9 @@ pub enum Call {
         /// Ask for a raw block volume instead of a filesystem.
         #[arg(long)]
         block: bool,
+        /// Filesystem the volume will carry (ext4 or xfs).
+        #[arg(long, default_value = "ext4")]
+        fs: String,
     },
     /// DeleteVolume.
     Delete { volume_id: String },
@@ -109,6 +112,9 @@ pub enum Call {
         readonly: bool,
         #[arg(long)]
         block: bool,
+        /// The filesystem the volume was staged with (ext4 or xfs).
+        #[arg(long, default_value = "ext4")]
+        fs: String,
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
     },
@@ -235,6 +241,7 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             from_snapshot,
             from_volume,
             block,
+            fs,
         } => {
             let source = match (from_snapshot, from_volume) {
                 (Some(s), _) => Some(volume_content_source::Type::Snapshot(
@@ -253,7 +260,7 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
                         required_bytes: parse_size(&size)?,
                         limit_bytes: 0,
                     }),
-                    volume_capabilities: vec![capability(block, "ext4", false)],
+                    volume_capabilities: vec![capability(block, &fs, false)],
                     parameters: params.into_iter().collect(),
                     secrets: secrets.clone(),
                     volume_content_source: source
@@ -437,6 +444,7 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
             readonly,
             block,
             context,
+            fs,
         } => {
             c.node
                 .node_publish_volume(proto::NodePublishVolumeRequest {
@@ -444,7 +452,7 @@ pub async fn run(a: ClientArgs) -> anyhow::Result<()> {
                     publish_context: Default::default(),
                     staging_target_path: staging_path,
                     target_path: target,
-                    volume_capability: Some(capability(block, "ext4", false)),
+                    volume_capability: Some(capability(block, &fs, false)),
                     readonly,
                     secrets,
                     volume_context: context.into_iter().collect(),

@@ -120,7 +120,7 @@ pub fn monitor_addrs(monitors: &[String]) -> Vec<String> {
 }
 
 /// A Ceph monitor greets every connection with `ceph v2\n` (msgr2) or `ceph v027` (msgr1).
-async fn banner_check(monitors: &[String], timeout: Duration) -> Result<(), String> {
+pub async fn banner_check(monitors: &[String], timeout: Duration) -> Result<(), String> {
     let mut last = String::from("no monitors configured");
     for addr in monitor_addrs(monitors) {
         let attempt = async {

@@ -1,7 +1,9 @@
 //! Validation of staging and target paths that arrive in requests.
 //!
 //! A path from the CO is only used after it has been proven absolute, free of `..` and NUL,
-//! normalised, and strictly inside one of the configured roots (kubelet's directory in production).
+//! normalised, and strictly inside one of the configured roots (kubelet's directory in production),
+//! both as written and after resolving symlinks in the part of it that already exists: a symlink
+//! inside the kubelet dir must not carry a mount outside it.
 
 use std::path::{Component, Path, PathBuf};
 
@@ -54,14 +56,38 @@ impl PathPolicy {
                 Component::Prefix(_) => return Err(bad("has a prefix")),
             }
         }
-        if self
+        let inside =
+            |p: &Path, roots: &[PathBuf]| roots.iter().any(|root| p.starts_with(root) && p != root);
+        if !inside(&normal, &self.roots) {
+            return Err(bad("outside the allowed roots"));
+        }
+        let real = resolve_existing(&normal);
+        let real_roots: Vec<PathBuf> = self
             .roots
             .iter()
-            .any(|root| normal.starts_with(root) && normal != *root)
-        {
-            Ok(normal)
-        } else {
-            Err(bad("outside the allowed roots"))
+            .map(|r| std::fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+            .collect();
+        if !inside(&real, &real_roots) {
+            return Err(bad("leads outside the allowed roots through a symlink"));
+        }
+        Ok(real)
+    }
+}
+
+/// The path with its longest existing prefix replaced by that prefix's real location.
+fn resolve_existing(normal: &Path) -> PathBuf {
+    let mut probe = normal.to_path_buf();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(&probe) {
+            let rest = normal.strip_prefix(&probe).unwrap_or(Path::new(""));
+            return if rest.as_os_str().is_empty() {
+                real
+            } else {
+                real.join(rest)
+            };
+        }
+        if !probe.pop() {
+            return normal.to_path_buf();
         }
     }
 }
@@ -69,6 +95,30 @@ impl PathPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_symlink_inside_the_root_cannot_lead_outside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("kubelet");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("evil")).unwrap();
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(root.join("real"), root.join("fine")).unwrap();
+        let p = PathPolicy::new([root.clone()]);
+        assert!(p.validate(root.join("evil/s").to_str().unwrap()).is_err());
+        assert!(p.validate(root.join("evil").to_str().unwrap()).is_err());
+        let real_root = std::fs::canonicalize(&root).unwrap();
+        assert_eq!(
+            p.validate(root.join("fine/s").to_str().unwrap()).unwrap(),
+            real_root.join("real/s")
+        );
+        assert_eq!(
+            p.validate(root.join("new/a/b").to_str().unwrap()).unwrap(),
+            real_root.join("new/a/b")
+        );
+    }
 
     fn policy() -> PathPolicy {
         PathPolicy::new([PathBuf::from("/var/lib/kubelet/"), PathBuf::from("/tmp/t")])

@@ -24,6 +24,15 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 pub const MAX_SIZE: u64 = 1 << 50;
 const ATTACHMENTS_KEY: &str = "rook-rbd.attachments";
 const NAME_KEY: &str = "rook-rbd.name";
+/// Per-image metadata that must not carry over from a parent to its clone.
+const INHERITED_KEYS: [&str; 6] = [
+    ATTACHMENTS_KEY,
+    NAME_KEY,
+    PARENT_KEY,
+    "csi.storage.k8s.io/pvc/name",
+    "csi.storage.k8s.io/pvc/namespace",
+    "csi.storage.k8s.io/pv/name",
+];
 /// The source image of a clone that has been flattened.
 const PARENT_KEY: &str = "rook-rbd.parent";
 const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
@@ -113,6 +122,20 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// Image-name prefixes this controller has created with, for listing and trash sweeps.
     prefixes: Mutex<BTreeSet<String>>,
+    /// Per pool: whether the RBD trash may hold images of ours.
+    trash_state: Arc<Mutex<HashMap<String, TrashState>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TrashState {
+    /// Not swept by this process yet: an earlier one may have left something.
+    Unknown,
+    /// Something of ours is there, still waiting for its dependents.
+    Pending,
+    Sweeping,
+    /// A delete arrived during a sweep: sweep once more when it ends.
+    SweepAgain,
+    Clean,
 }
 
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
@@ -227,6 +250,7 @@ impl Controller {
             create_slots: Semaphore::new(cfg.create_concurrency.max(1)),
             cfg,
             prefixes: Mutex::new(prefixes),
+            trash_state: Default::default(),
         }
     }
 
@@ -260,19 +284,46 @@ impl Controller {
         })
     }
 
+    /// librados reports rejected credentials as a connect timeout once client_mount_timeout is
+    /// set. If the monitors answer their banner, the credentials were refused; otherwise the
+    /// cluster is out of reach.
+    async fn explain_connect_failure(
+        &self,
+        entry: &ClusterEntry,
+        user: &str,
+        e: CephError,
+    ) -> Error {
+        if e.op == "rados_connect"
+            && e.timed_out()
+            && crate::csi::health::banner_check(&entry.monitors, Duration::from_secs(2))
+                .await
+                .is_ok()
+        {
+            return Error::PermissionDenied(format!(
+                "cluster {}: the monitors answer, but client.{user} could not authenticate in time (wrong key, or unknown user?)",
+                entry.cluster_id
+            ));
+        }
+        Error::ceph(format!(
+            "connecting to cluster {} as client.{user}",
+            entry.cluster_id
+        ))(e)
+    }
+
     pub async fn connect(
         &self,
         cluster_id: &str,
         creds: &Credentials,
     ) -> Result<Arc<Connection>, Error> {
         let entry = self.cluster(cluster_id)?;
-        self.pool
+        match self
+            .pool
             .get(cluster_id, &entry.monitors, &creds.user, &creds.key)
             .await
-            .map_err(Error::ceph(format!(
-                "connecting to cluster {cluster_id} as client.{}",
-                creds.user
-            )))
+        {
+            Ok(c) => Ok(c),
+            Err(e) => Err(self.explain_connect_failure(entry, &creds.user, e).await),
+        }
     }
 
     /// A pool's I/O context; a pool that does not exist is an InvalidArgument, not an Internal.
@@ -283,6 +334,9 @@ impl Controller {
         creds: &Credentials,
     ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
+        if let Some(io) = conn.cached_ioctx(pool) {
+            return Ok(io);
+        }
         let p = pool.to_string();
         blocking(move || conn.ioctx(&p)).await.map_err(|e| {
             if e.not_found() {
@@ -459,12 +513,32 @@ impl Controller {
                 "image has dependents; moved to the RBD trash until they are gone"
             );
         }
-        self.sweep_trash_later(io);
+        self.sweep_trash_later(io, trashed);
         Ok(())
     }
 
     /// Removes trashed images of ours whose dependents have gone. Runs in the background.
-    fn sweep_trash_later(&self, io: Arc<IoCtx>) {
+    /// Removes trashed images of ours whose dependents have gone, in the background.
+    ///
+    /// Costs a round trip only when it can find something: for a pool where this process trashed
+    /// an image, or the first time it deletes in a pool (an earlier process may have trashed some).
+    /// A pool's state is "clean" once a sweep leaves none of ours behind.
+    fn sweep_trash_later(&self, io: Arc<IoCtx>, trashed_now: bool) {
+        {
+            let mut st = self.trash_state.lock().unwrap();
+            let state = st
+                .entry(io.pool().to_string())
+                .or_insert(TrashState::Unknown);
+            match (*state, trashed_now) {
+                (TrashState::Sweeping, _) => {
+                    *state = TrashState::SweepAgain;
+                    return;
+                }
+                (TrashState::SweepAgain, _) => return,
+                (TrashState::Clean, false) => return,
+                _ => *state = TrashState::Sweeping,
+            }
+        }
         let prefixes: Vec<String> = self
             .prefixes
             .lock()
@@ -473,24 +547,52 @@ impl Controller {
             .cloned()
             .chain([SNAPSHOT_PREFIX.to_string()])
             .collect();
+        let states = self.trash_state.clone();
         tokio::spawn(async move {
-            let res = with_ioctx(io, move |io| {
-                let mut removed = 0;
-                for e in io.trash_list()? {
-                    if e.source == TRASH_SOURCE_USER
-                        && prefixes.iter().any(|p| e.name.starts_with(p))
-                        && io.trash_remove(&e.id).is_ok()
-                    {
-                        removed += 1;
+            loop {
+                let p = prefixes.clone();
+                let res = with_ioctx(io.clone(), move |io| {
+                    let (mut removed, mut left) = (0, 0);
+                    for e in io.trash_list()? {
+                        if e.source != TRASH_SOURCE_USER || !p.iter().any(|p| e.name.starts_with(p))
+                        {
+                            continue;
+                        }
+                        match io.trash_remove(&e.id) {
+                            Ok(()) => removed += 1,
+                            Err(_) => left += 1,
+                        }
+                    }
+                    Ok((removed, left))
+                })
+                .await;
+                let left = match res {
+                    Ok((removed, left)) => {
+                        if removed > 0 {
+                            tracing::info!(removed, left, "swept images from the RBD trash");
+                        }
+                        left
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "trash sweep failed");
+                        1
+                    }
+                };
+                let mut st = states.lock().unwrap();
+                let state = st
+                    .entry(io.pool().to_string())
+                    .or_insert(TrashState::Unknown);
+                match *state {
+                    TrashState::SweepAgain => *state = TrashState::Sweeping,
+                    _ => {
+                        *state = if left == 0 {
+                            TrashState::Clean
+                        } else {
+                            TrashState::Pending
+                        };
+                        return;
                     }
                 }
-                Ok(removed)
-            })
-            .await;
-            match res {
-                Ok(n) if n > 0 => tracing::info!(removed = n, "swept images from the RBD trash"),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "trash sweep failed"),
             }
         });
     }
@@ -846,7 +948,7 @@ impl Controller {
             r => r?,
         };
         let image = id.volume.image.clone();
-        with_ioctx(io.clone(), move |io| {
+        let trashed = with_ioctx(io.clone(), move |io| {
             match io.open_image(&image) {
                 Ok(img) => ignore_missing(img.snap_remove(&image))?,
                 Err(e) if e.not_found() => return Ok(Ok(false)),
@@ -860,7 +962,7 @@ impl Controller {
             id.volume.image
         )))?
         .map_err(|why| Error::FailedPrecondition(format!("snapshot {snapshot_id} {why}")))?;
-        self.sweep_trash_later(io);
+        self.sweep_trash_later(io, trashed);
         Ok(())
     }
 
@@ -1218,6 +1320,11 @@ fn create_clone(
         }
         if have < size {
             img.resize(size)?;
+        }
+        // librbd copies the parent's image metadata into a clone: attachments and names are the
+        // parent's, not ours. (Also on a retry: the first attempt may have died before this.)
+        for key in INHERITED_KEYS {
+            img.metadata_remove(key)?;
         }
         if !from_snapshot {
             // With clone v2 the snapshot moves to the trash namespace and lives as long as the clone.

@@ -94,6 +94,8 @@ pub enum Error {
     #[error("{0}")]
     OutOfRange(String),
     #[error("{0}")]
+    PermissionDenied(String),
+    #[error("{0}")]
     ResourceExhausted(String),
     #[error("{0}")]
     Unavailable(String),

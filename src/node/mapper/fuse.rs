@@ -109,16 +109,24 @@ impl FuseMapper {
     /// Makes the loop device pick up a grown image (after the controller resized it).
     pub async fn refresh_size(&self, mapping: &Mapping) -> Result<(), NodeError> {
         if let Some(file) = loop_backing_file(&mapping.device) {
-            // A stat refreshes the kernel's idea of the fuse file's size (rbd-fuse stats the
-            // image on every getattr); the attribute cache lasts one second.
-            tokio::time::sleep(Duration::from_millis(1100)).await;
-            let f = file.clone();
-            let _ = blocking(
-                "stat of rbd-fuse image",
-                self.config.command_timeout,
-                move || Ok(std::fs::metadata(&f).map(|m| m.len()).ok()),
-            )
-            .await?;
+            // rbd-fuse reports the image's size on every getattr, but the kernel caches file
+            // attributes for up to a second: poll until the file is larger than the loop device
+            // (the usual case after ControllerExpand), and give up waiting after 1.5 s.
+            let dev_bytes = loop_size_bytes(&mapping.device);
+            let deadline = Instant::now() + Duration::from_millis(1500);
+            while Instant::now() < deadline {
+                let f = file.clone();
+                let len = blocking(
+                    "stat of rbd-fuse image",
+                    self.config.command_timeout,
+                    move || Ok(std::fs::metadata(&f).map(|m| m.len()).ok()),
+                )
+                .await?;
+                if matches!((len, dev_bytes), (Some(l), Some(d)) if l > d) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         let spec = CommandSpec::new("losetup")
             .arg("--set-capacity")
@@ -398,6 +406,13 @@ fn kill_all(pids: &[u32], signal: libc::c_int) {
             tracing::warn!(pid, signal, "killed rbd-fuse");
         }
     }
+}
+
+/// The loop device's current size, from sysfs (512-byte sectors).
+fn loop_size_bytes(device: &Path) -> Option<u64> {
+    let name = device.file_name()?.to_str()?;
+    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|s| s * 512)
 }
 
 #[cfg(test)]
