@@ -9,6 +9,11 @@ cleanup() {
   local rc=$?
   step "stopping the dev cluster"
   bash scripts/ceph-dev.sh down "$CEPH_DEV_DIR" || rc=1
+  if pgrep -af "ceph-(mon|mgr|osd) .*$CEPH_DEV_DIR" >/dev/null; then
+    echo "leftover Ceph daemons:"; pgrep -af "ceph-(mon|mgr|osd) .*$CEPH_DEV_DIR"; rc=1
+  else
+    echo "no Ceph daemons left"
+  fi
   exit $rc
 }
 
