@@ -479,20 +479,31 @@ impl Controller {
         })
     }
 
+    /// For deletes: the ID when it names an image of the wanted kind in a configured cluster.
+    /// A malformed or foreign ID means there is nothing to delete (`None`), which is success.
+    fn id_to_delete(
+        &self,
+        raw: &str,
+        field: &str,
+        snapshot: bool,
+    ) -> Result<Option<VolumeId>, Error> {
+        if raw.is_empty() {
+            return Err(Error::InvalidArgument(format!("{field} is required")));
+        }
+        Ok(VolumeId::decode(raw).ok().filter(|id| {
+            naming::is_snapshot_image(&id.image) == snapshot
+                && self.clusters.get(&id.cluster_id).is_some()
+        }))
+    }
+
     pub async fn delete_volume(
         &self,
         volume_id: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<(), Error> {
-        if volume_id.is_empty() {
-            return Err(Error::InvalidArgument("volume_id is required".into()));
-        }
-        let Ok(id) = VolumeId::decode(volume_id) else {
+        let Some(id) = self.id_to_delete(volume_id, "volume_id", false)? else {
             return Ok(());
         };
-        if naming::is_snapshot_image(&id.image) || self.clusters.get(&id.cluster_id).is_none() {
-            return Ok(());
-        }
         let creds = self.creds(secrets)?;
         let _guard = self
             .inflight
@@ -924,17 +935,10 @@ impl Controller {
         snapshot_id: &str,
         secrets: &HashMap<String, String>,
     ) -> Result<(), Error> {
-        if snapshot_id.is_empty() {
-            return Err(Error::InvalidArgument("snapshot_id is required".into()));
-        }
-        let Ok(id) = SnapshotId::decode(snapshot_id) else {
+        let Some(id) = self.id_to_delete(snapshot_id, "snapshot_id", true)? else {
             return Ok(());
         };
-        if !naming::is_snapshot_image(&id.volume.image)
-            || self.clusters.get(&id.volume.cluster_id).is_none()
-        {
-            return Ok(());
-        }
+        let id = SnapshotId { volume: id };
         let creds = self.creds(secrets)?;
         let _guard = self
             .inflight
