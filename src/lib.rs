@@ -2,9 +2,11 @@
 //!
 //! The library holds everything; `src/main.rs` is a thin command-line front end.
 
+pub mod bench;
 pub mod ceph;
 pub mod client;
 pub mod csi;
+pub mod metrics;
 pub mod node;
 pub mod secret;
 pub mod volume;

@@ -55,6 +55,9 @@ enum Command {
     Csi(CsiArgs),
     /// Talk to any CSI endpoint: create, delete, stage, publish and so on (like csc).
     Client(rook_rbd::client::cli::ClientArgs),
+    /// Drive any CSI endpoint and report latency, throughput and RSS, optionally next to a
+    /// raw-librbd floor measured in the same run.
+    Bench(rook_rbd::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -182,6 +185,7 @@ fn main() -> std::process::ExitCode {
                 .await
             }
             Command::Client(a) => rook_rbd::client::cli::run(a).await,
+            Command::Bench(a) => rook_rbd::bench::run(a).await,
         }
     });
     match res {
