@@ -72,10 +72,6 @@ chmod 600 "$WORK/secrets/"*
 METRICS_PORT=$(free_port 19090 19190)
 SOCK=$WORK/csi.sock
 
-# glibc gives each thread that allocates its own malloc arena (up to 8 per core); librados' many
-# threads would each keep one, which is most of a controller's RSS. Two arenas is plenty here.
-export MALLOC_ARENA_MAX=${MALLOC_ARENA_MAX:-2}
-
 log "benchmark (driver log: $WORK/driver.log, copied to bench-driver.log)"
 set +e
 "$BIN" bench \

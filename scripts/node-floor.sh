@@ -52,9 +52,11 @@ unstage() {
         sleep 0.01
     done
     # rbd-fuse exits after its unmount; wait so the image has no watcher left, as the driver does.
+    # A zombie (rbd-fuse daemonised, so init reaps it, maybe late) holds nothing any more.
     for pid in $pids; do
         for ((i = 0; i < 500; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
+            [[ -e /proc/$pid ]] || break
+            grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null && break
             sleep 0.01
         done
     done

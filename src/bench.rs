@@ -96,6 +96,9 @@ pub struct BenchArgs {
     /// kubelet's directory as the driver knows it (--kubelet-dir); staging and target paths go here.
     #[arg(long, default_value = "/var/lib/kubelet")]
     pub kubelet_dir: PathBuf,
+    /// Alternating driver/floor rounds in the concurrent scenario (A-B-B-A order).
+    #[arg(long, default_value_t = 4)]
+    pub rounds: usize,
     /// Volumes staged and published in the node scenario.
     #[arg(long, default_value_t = 5)]
     pub node_count: usize,
@@ -108,6 +111,9 @@ pub struct BenchArgs {
     /// Create/delete cycle counts at which the driver's RSS is read (comma-separated, ascending).
     #[arg(long, value_delimiter = ',', default_value = "1000,2000")]
     pub rss_cycles: Vec<usize>,
+    /// Idle time before each RSS reading in the RSS scenario.
+    #[arg(long, default_value_t = 3000)]
+    pub rss_settle_ms: u64,
     /// Where a driver started by the bench writes its stdout and stderr (default: inherited).
     #[arg(long)]
     pub driver_log: Option<PathBuf>,
@@ -614,32 +620,64 @@ impl Bench {
     }
 
     /// `count` creates with `concurrency` in flight, then the deletes the same way.
+    /// `count` creates with `concurrency` in flight, then the deletes the same way. With a floor,
+    /// driver and floor rounds alternate A-B-B-A, so drift in a shared machine's load falls on both.
     async fn concurrent(&mut self) -> anyhow::Result<()> {
         let (n, c) = (self.args.count, self.args.concurrency.max(1));
-        let names: Vec<String> = (0..n).map(|i| self.name("c", i)).collect();
-        let p = Progress::new(&format!("{c}-way CreateVolume"), n);
-        let (ids, create_wall, create) = self.create_many(&names, c, &p).await?;
-        p.finish().await;
-        let p = Progress::new(&format!("{c}-way DeleteVolume"), n);
-        let (delete_wall, delete) = self.delete_many(ids, c, &p).await?;
-        p.finish().await;
-        let create_tput = n as f64 / create_wall.as_secs_f64();
-        let delete_tput = n as f64 / delete_wall.as_secs_f64();
-        let mut floor_json = Value::Null;
-        let (mut fc, mut fd) = (None, None);
-        if let Some(f) = &self.floor {
-            let fnames: Vec<String> = (0..n).map(|i| self.name("fc", i)).collect();
-            let p = Progress::new(&format!("{c}-way floor create"), n);
-            let (cw, cs) = f.run_many(&fnames, c, self.size as u64, true, &p).await?;
-            p.finish().await;
-            let p = Progress::new(&format!("{c}-way floor remove"), n);
-            let (dw, ds) = f.run_many(&fnames, c, 0, false, &p).await?;
-            p.finish().await;
-            fc = Some(n as f64 / cw.as_secs_f64());
-            fd = Some(n as f64 / dw.as_secs_f64());
-            floor_json = json!({"create_per_second": fc, "remove_per_second": fd,
-                "create": cs.json(), "remove": ds.json()});
+        let rounds = if self.floor.is_some() {
+            self.args.rounds.max(1)
+        } else {
+            1
+        };
+        // Wall time of the creates and of the deletes, driver (d) and floor (f).
+        let (mut cw_d, mut dw_d) = (Duration::ZERO, Duration::ZERO);
+        let (mut cw_f, mut dw_f) = (Duration::ZERO, Duration::ZERO);
+        let (mut create, mut delete) = (Samples::default(), Samples::default());
+        let (mut fcreate, mut fremove) = (Samples::default(), Samples::default());
+        for r in 0..rounds {
+            let driver_first = r % 4 == 0 || r % 4 == 3;
+            for floor_turn in [!driver_first, driver_first] {
+                if !floor_turn {
+                    let names: Vec<String> =
+                        (0..n).map(|i| self.name(&format!("c{r}"), i)).collect();
+                    let p = Progress::new(&format!("{c}-way CreateVolume ({}/{rounds})", r + 1), n);
+                    let (ids, w, s) = self.create_many(&names, c, &p).await?;
+                    p.finish().await;
+                    cw_d += w;
+                    create.0.extend(s.0);
+                    let p = Progress::new(&format!("{c}-way DeleteVolume ({}/{rounds})", r + 1), n);
+                    let (w, s) = self.delete_many(ids, c, &p).await?;
+                    p.finish().await;
+                    dw_d += w;
+                    delete.0.extend(s.0);
+                } else if let Some(f) = &self.floor {
+                    let fnames: Vec<String> =
+                        (0..n).map(|i| self.name(&format!("fc{r}"), i)).collect();
+                    let p = Progress::new(&format!("{c}-way floor create ({}/{rounds})", r + 1), n);
+                    let (w, s) = f.run_many(&fnames, c, self.size as u64, true, &p).await?;
+                    p.finish().await;
+                    cw_f += w;
+                    fcreate.0.extend(s.0);
+                    let p = Progress::new(&format!("{c}-way floor remove ({}/{rounds})", r + 1), n);
+                    let (w, s) = f.run_many(&fnames, c, 0, false, &p).await?;
+                    p.finish().await;
+                    dw_f += w;
+                    fremove.0.extend(s.0);
+                }
+            }
         }
+        let total = (n * rounds) as f64;
+        let create_tput = total / cw_d.as_secs_f64();
+        let delete_tput = total / dw_d.as_secs_f64();
+        let (fc, fd) = match self.floor {
+            Some(_) => (
+                Some(total / cw_f.as_secs_f64()),
+                Some(total / dw_f.as_secs_f64()),
+            ),
+            None => (None, None),
+        };
+        let floor_json = json!({"create_per_second": fc, "remove_per_second": fd,
+            "create": fcreate.json(), "remove": fremove.json()});
         self.rows.push(Row {
             what: format!("{c}-way CreateVolume /s"),
             driver: create_tput,
@@ -657,7 +695,7 @@ impl Bench {
         self.results.insert(
             "concurrent".into(),
             json!({
-                "concurrency": c,
+                "concurrency": c, "rounds": rounds,
                 "create_per_second": create_tput, "delete_per_second": delete_tput,
                 "create": create.json(), "delete": delete.json(),
                 "floor": floor_json,
@@ -917,8 +955,9 @@ impl Bench {
             bail!("the RSS scenario needs --driver-pid, or a driver command after --");
         }
         let c = self.args.concurrency.max(1);
-        let start = self.rss_kib();
-        let mut points = vec![json!({"cycles": 0, "rss_kib": start})];
+        let mem = |b: &Self| b.driver_pid.and_then(memory_kib);
+        let start = mem(self);
+        let mut points = vec![json!({"cycles": 0, "memory_kib": start})];
         let mut done = 0;
         let mut last = Vec::new();
         let checkpoints = self.args.rss_cycles.clone();
@@ -938,29 +977,54 @@ impl Bench {
                 done += k;
                 batch += 1;
             }
-            let rss = self.rss_kib();
-            points.push(json!({"cycles": at, "rss_kib": rss}));
-            last.push((at, rss.unwrap_or(0)));
+            // RSS at rest: a driver may give memory back once a burst is over (ours trims
+            // every 2 s), and a burst's peak is not what stays.
+            tokio::time::sleep(Duration::from_millis(self.args.rss_settle_ms)).await;
+            let m = mem(self).ok_or_else(|| anyhow!("cannot read the driver's memory"))?;
+            points.push(json!({"cycles": at, "memory_kib": m}));
+            last.push((at, m));
         }
         p.finish().await;
-        for (at, kib) in &last {
+        let mib = |kib: u64| kib as f64 / 1024.0;
+        for (at, m) in &last {
             self.rows.push(Row {
                 what: format!("driver RSS after {at} cycles"),
-                driver: *kib as f64 / 1024.0,
+                driver: mib(m.rss),
                 floor: None,
                 unit: "MiB",
                 target: Some(Target::AtMost(30.0)),
             });
+            self.rows.push(Row {
+                what: format!("  private (RssAnon) after {at}"),
+                driver: mib(m.anon),
+                floor: None,
+                unit: "MiB",
+                target: None,
+            });
+            self.rows.push(Row {
+                what: format!("  shared libs/text (RssFile) at {at}"),
+                driver: mib(m.file),
+                floor: None,
+                unit: "MiB",
+                target: None,
+            });
         }
         if last.len() >= 2 {
             let (a, b) = (last[last.len() - 2], last[last.len() - 1]);
-            let growth = b.1 as f64 / 1024.0 - a.1 as f64 / 1024.0;
             self.rows.push(Row {
                 what: format!("RSS growth {}->{} cycles", a.0, b.0),
-                driver: growth,
+                driver: mib(b.1.rss) - mib(a.1.rss),
                 floor: None,
                 unit: "MiB",
-                // Allow a page-cache-sized wobble; a leak of even 1 KiB per cycle is 1 MiB here.
+                target: None,
+            });
+            // A leak is private memory; RssFile also grows when code runs for the first time.
+            // Half a MiB over 1,000 cycles would be a leak of ~0.5 KiB per cycle.
+            self.rows.push(Row {
+                what: format!("RssAnon growth {}->{} cycles", a.0, b.0),
+                driver: mib(b.1.anon) - mib(a.1.anon),
+                floor: None,
+                unit: "MiB",
                 target: Some(Target::AtMost(0.5)),
             });
         }
@@ -1243,16 +1307,36 @@ impl Floor {
 
 /// VmRSS of a process, in KiB.
 pub fn rss_kib(pid: u32) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_rss(&s)
+    memory_kib(pid).map(|m| m.rss)
 }
 
-fn parse_vm_rss(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+/// A process's resident memory, in KiB: all of it, the private (anonymous) part and the part
+/// backed by files (the binary and shared libraries, shared with other processes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Memory {
+    pub rss: u64,
+    pub anon: u64,
+    pub file: u64,
+}
+
+pub fn memory_kib(pid: u32) -> Option<Memory> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_memory(&s)
+}
+
+fn parse_memory(status: &str) -> Option<Memory> {
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    };
+    Some(Memory {
+        rss: field("VmRSS:")?,
+        anon: field("RssAnon:").unwrap_or(0),
+        file: field("RssFile:").unwrap_or(0),
+    })
 }
 
 /// A plain HTTP/1.1 GET (the driver's metrics endpoint speaks nothing fancier).
@@ -1367,9 +1451,17 @@ mod tests {
 
     #[test]
     fn vm_rss_is_read_from_proc_status() {
-        let status = "Name:\trook-rbd\nVmPeak:\t  100 kB\nVmRSS:\t   23456 kB\nThreads:\t8\n";
-        assert_eq!(parse_vm_rss(status), Some(23456));
-        assert_eq!(parse_vm_rss("Name: x\n"), None);
+        let status = "Name:\trook-rbd\nVmPeak:\t  100 kB\nVmRSS:\t   23456 kB\n\
+            RssAnon:\t    3456 kB\nRssFile:\t   20000 kB\nThreads:\t8\n";
+        assert_eq!(
+            parse_memory(status),
+            Some(Memory {
+                rss: 23456,
+                anon: 3456,
+                file: 20000
+            })
+        );
+        assert_eq!(parse_memory("Name: x\n"), None);
     }
 
     #[test]
