@@ -14,6 +14,7 @@ use crate::ceph::pool::{blocking, with_ioctx};
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, ImageOptions, IoCtx};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -113,6 +114,11 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// Image-name prefixes this controller has created with, for listing and trash sweeps.
     prefixes: Mutex<BTreeSet<String>>,
+    /// Whether the RBD trash may hold images of ours: true at start (an earlier run may have left
+    /// some), set when we trash one, cleared by a sweep that finds none left. Without it every
+    /// DeleteVolume paid a trash listing, a RADOS round trip, for a trash that is nearly always
+    /// empty; taking the flag also keeps concurrent deletes from sweeping at the same time.
+    trash_may_hold_ours: Arc<AtomicBool>,
 }
 
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
@@ -227,6 +233,7 @@ impl Controller {
             create_slots: Semaphore::new(cfg.create_concurrency.max(1)),
             cfg,
             prefixes: Mutex::new(prefixes),
+            trash_may_hold_ours: Arc::new(AtomicBool::new(true)),
         }
     }
 
@@ -283,6 +290,10 @@ impl Controller {
         creds: &Credentials,
     ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
+        // The usual case, a pool already opened, needs no trip to the blocking pool.
+        if let Some(io) = conn.cached_ioctx(pool) {
+            return Ok(io);
+        }
         let p = pool.to_string();
         blocking(move || conn.ioctx(&p)).await.map_err(|e| {
             if e.not_found() {
@@ -454,6 +465,7 @@ impl Controller {
             .map_err(Error::ceph(format!("deleting image {}", id.image)))?
             .map_err(|why| Error::FailedPrecondition(format!("volume {volume_id} {why}")))?;
         if trashed {
+            self.trash_may_hold_ours.store(true, Ordering::Release);
             tracing::info!(
                 volume.id = volume_id,
                 "image has dependents; moved to the RBD trash until they are gone"
@@ -465,6 +477,11 @@ impl Controller {
 
     /// Removes trashed images of ours whose dependents have gone. Runs in the background.
     fn sweep_trash_later(&self, io: Arc<IoCtx>) {
+        if !self.trash_may_hold_ours.swap(false, Ordering::AcqRel) {
+            return;
+        }
+        let flag = self.trash_may_hold_ours.clone();
+        let flag_in_sweep = flag.clone();
         let prefixes: Vec<String> = self
             .prefixes
             .lock()
@@ -479,14 +496,19 @@ impl Controller {
                 for e in io.trash_list()? {
                     if e.source == TRASH_SOURCE_USER
                         && prefixes.iter().any(|p| e.name.starts_with(p))
-                        && io.trash_remove(&e.id).is_ok()
                     {
-                        removed += 1;
+                        match io.trash_remove(&e.id) {
+                            Ok(()) => removed += 1,
+                            Err(_) => flag_in_sweep.store(true, Ordering::Release),
+                        }
                     }
                 }
                 Ok(removed)
             })
             .await;
+            if res.is_err() {
+                flag.store(true, Ordering::Release);
+            }
             match res {
                 Ok(n) if n > 0 => tracing::info!(removed = n, "swept images from the RBD trash"),
                 Ok(_) => {}
@@ -846,7 +868,7 @@ impl Controller {
             r => r?,
         };
         let image = id.volume.image.clone();
-        with_ioctx(io.clone(), move |io| {
+        let trashed = with_ioctx(io.clone(), move |io| {
             match io.open_image(&image) {
                 Ok(img) => ignore_missing(img.snap_remove(&image))?,
                 Err(e) if e.not_found() => return Ok(Ok(false)),
@@ -860,6 +882,9 @@ impl Controller {
             id.volume.image
         )))?
         .map_err(|why| Error::FailedPrecondition(format!("snapshot {snapshot_id} {why}")))?;
+        if trashed {
+            self.trash_may_hold_ours.store(true, Ordering::Release);
+        }
         self.sweep_trash_later(io);
         Ok(())
     }
