@@ -6,6 +6,7 @@ pub mod bench;
 pub mod ceph;
 pub mod client;
 pub mod csi;
+pub mod memory;
 pub mod metrics;
 pub mod node;
 pub mod secret;

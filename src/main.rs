@@ -138,6 +138,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Csi(_)) {
+        rook_rbd::memory::limit_arenas();
+    }
     init_logging(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

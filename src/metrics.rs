@@ -195,6 +195,11 @@ impl RpcMetrics {
         Some(&self.table[m][c])
     }
 
+    /// Calls answered so far, over every method and code (read once per scrape or trim check).
+    pub fn calls_total(&self) -> u64 {
+        self.table.iter().flatten().map(Histogram::count).sum()
+    }
+
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
     }

@@ -81,6 +81,11 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         })
     });
     let rpc_metrics = Arc::new(RpcMetrics::default());
+    let calls = rpc_metrics.clone();
+    crate::memory::spawn_trimmer(
+        Arc::new(move || calls.calls_total()),
+        Duration::from_secs(2),
+    );
     let mut volume_ops = vec![controller.inflight().clone()];
     let router = tonic::transport::Server::builder()
         .layer(RpcMetricsLayer::new(rpc_metrics.clone()))
