@@ -55,6 +55,9 @@ enum Command {
     Csi(CsiArgs),
     /// Talk to any CSI endpoint: create, delete, stage, publish and so on (like csc).
     Client(rook_rbd::client::cli::ClientArgs),
+    /// Drive any CSI endpoint and report latency, throughput and RSS, optionally next to a
+    /// raw-librbd floor measured in the same run.
+    Bench(rook_rbd::bench::BenchArgs),
 }
 
 #[derive(clap::Args)]
@@ -135,6 +138,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Csi(_)) {
+        rook_rbd::memory::limit_arenas();
+    }
     init_logging(cli.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -182,6 +188,7 @@ fn main() -> std::process::ExitCode {
                 .await
             }
             Command::Client(a) => rook_rbd::client::cli::run(a).await,
+            Command::Bench(a) => rook_rbd::bench::run(a).await,
         }
     });
     match res {

@@ -8,6 +8,7 @@ use super::node::NodeService;
 use super::proto;
 use super::server::{self, Endpoint};
 use crate::ceph::{CephTimeouts, ConnectionPool};
+use crate::metrics::{RpcMetrics, RpcMetricsLayer, Sources};
 use crate::node::{NodeConfig, NodeDriver};
 use crate::volume::controller::{Controller, ControllerConfig};
 use crate::volume::{ClusterConfig, Credentials};
@@ -79,7 +80,15 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
             inner: controller.clone(),
         })
     });
+    let rpc_metrics = Arc::new(RpcMetrics::default());
+    let calls = rpc_metrics.clone();
+    crate::memory::spawn_trimmer(
+        Arc::new(move || calls.calls_total()),
+        Duration::from_secs(2),
+    );
+    let mut volume_ops = vec![controller.inflight().clone()];
     let router = tonic::transport::Server::builder()
+        .layer(RpcMetricsLayer::new(rpc_metrics.clone()))
         .add_service(identity)
         .add_service(reflection)
         .add_optional_service(controller_svc);
@@ -96,17 +105,29 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
             cfg.allowed_roots = std::iter::once(opts.kubelet_dir.clone())
                 .chain(opts.extra_roots.iter().cloned())
                 .collect();
+            let inflight = crate::volume::guard::InFlight::default();
+            volume_ops.push(inflight.clone());
             Some(proto::node_server::NodeServer::new(NodeService {
                 driver: NodeDriver::new(cfg)?,
                 node_id: opts.node_id.clone().unwrap_or_default(),
                 clusters: clusters.clone(),
                 default_creds: creds.clone(),
                 default_mounter: opts.default_mounter.clone(),
-                inflight: Default::default(),
+                inflight,
             }))
         }
     };
     let router = router.add_optional_service(node_svc);
+    if let Some(addr) = &opts.metrics_address {
+        let sources = Sources {
+            rpc: rpc_metrics,
+            pool: pool.clone(),
+            health: health.clone(),
+            volume_ops,
+        };
+        let local = crate::metrics::spawn_server(addr, sources).await?;
+        tracing::info!(address = %local, "serving /metrics and /healthz");
+    }
     server::serve(&endpoint, router, || {
         tracing::info!(
             controller = opts.controller,

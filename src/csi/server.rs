@@ -6,6 +6,11 @@ use std::path::{Path, PathBuf};
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::server::Router;
 
+/// The router with the layers every driver has (today: RPC metrics).
+pub type DriverRouter = Router<
+    tower::layer::util::Stack<crate::metrics::RpcMetricsLayer, tower::layer::util::Identity>,
+>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Unix(PathBuf),
@@ -83,7 +88,7 @@ pub async fn shutdown_signal() {
 
 pub async fn serve(
     endpoint: &Endpoint,
-    router: Router,
+    router: DriverRouter,
     ready: impl FnOnce(),
 ) -> anyhow::Result<()> {
     match endpoint {
