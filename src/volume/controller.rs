@@ -563,18 +563,27 @@ impl Controller {
             loop {
                 let p = prefixes.clone();
                 let res = with_ioctx(io.clone(), move |io| {
-                    let (mut removed, mut left) = (0, 0);
-                    for e in io.trash_list()? {
-                        if e.source != TRASH_SOURCE_USER || !p.iter().any(|p| e.name.starts_with(p))
-                        {
-                            continue;
+                    // Removing a trashed clone can free its trashed parent: go round while a
+                    // pass makes progress.
+                    let mut removed = 0;
+                    loop {
+                        let (mut now, mut left) = (0, 0);
+                        for e in io.trash_list()? {
+                            if e.source != TRASH_SOURCE_USER
+                                || !p.iter().any(|p| e.name.starts_with(p))
+                            {
+                                continue;
+                            }
+                            match io.trash_remove(&e.id) {
+                                Ok(()) => now += 1,
+                                Err(_) => left += 1,
+                            }
                         }
-                        match io.trash_remove(&e.id) {
-                            Ok(()) => removed += 1,
-                            Err(_) => left += 1,
+                        removed += now;
+                        if now == 0 || left == 0 {
+                            return Ok((removed, left));
                         }
                     }
-                    Ok((removed, left))
                 })
                 .await;
                 let left = match res {
@@ -1299,13 +1308,22 @@ fn create_clone(
             "requested {size} bytes is smaller than the source's {src_size}"
         ))));
     }
-    for _ in 0..2 {
+    for attempt in 0..3 {
         if !from_snapshot {
             ignore_exists(src.snap_create(&snap))?;
         }
         match sio.clone_image(parent, &snap, io, name, opts) {
             Ok(()) => {}
             Err(e) if e.exists() => {}
+            // A crash during an earlier attempt's snapshot removal can leave the temporary
+            // snapshot listed but unusable. If the clone is not there yet, make the snapshot anew.
+            Err(e) if e.not_found() && !from_snapshot && attempt < 2 => {
+                if io.open_image(name).is_err() {
+                    tracing::warn!(image = name, snap = %snap, "temporary snapshot unusable; making it again");
+                    ignore_missing(src.snap_remove(&snap))?;
+                    continue;
+                }
+            }
             Err(e) => return Err(e),
         }
         let Some(img) = open_or_discard_partial(io, name)? else {
