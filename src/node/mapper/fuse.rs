@@ -152,7 +152,7 @@ impl FuseMapper {
             {
                 return true;
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -245,7 +245,7 @@ impl FuseMapper {
         // After a clean unmount rbd-fuse exits by itself; give it a moment, then insist.
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         kill_all(&fuse_pids(mountpoint), libc::SIGKILL);
         let _ = std::fs::remove_dir(mountpoint);
