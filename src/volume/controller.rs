@@ -37,6 +37,8 @@ const INHERITED_KEYS: [&str; 6] = [
 const PARENT_KEY: &str = "rook-rbd.parent";
 const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
 const TRASH_SOURCE_USER: i32 = 0;
+/// Blocking tasks ListVolumes spreads its image opens over.
+const LIST_PARALLELISM: usize = 8;
 
 /// A blocking step's result: Ceph failed (outer), or Ceph answered and the request is refused (inner).
 type Outcome<T> = Result<Result<T, Error>, CephError>;
@@ -1110,35 +1112,63 @@ impl Controller {
             ));
         }
         let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().collect();
-        let mut all = Vec::new();
+        // IDs come from names alone, so list, page, and open only the page's images.
+        let mut ids = Vec::new();
+        let mut ioctxs = HashMap::new();
         for (cluster, pool) in self.pools(None, &creds).await? {
             let io = self.ioctx(&cluster, &pool, &creds).await?;
-            let p = prefixes.clone();
-            let (c, pl) = (cluster.clone(), pool.clone());
-            let found = with_ioctx(io, move |io| {
-                let mut out = Vec::new();
-                for name in io
-                    .list_images()?
+            let names = with_ioctx(io.clone(), |io| io.list_images())
+                .await
+                .map_err(Error::ceph(format!("listing volumes in {pool}")))?;
+            ids.extend(
+                names
                     .into_iter()
-                    .filter(|n| p.iter().any(|p| n.starts_with(p)))
-                {
-                    let img = match io.open_image_read_only(&name) {
-                        Err(e) if e.not_found() => continue,
-                        r => r?,
-                    };
-                    out.push(VolumeInfo {
-                        id: VolumeId::new(&c, &pl, &name),
-                        size: img.size()?,
-                        attachments: read_attachments(&img)?,
-                    });
-                }
-                Ok(out)
-            })
-            .await
-            .map_err(Error::ceph(format!("listing volumes in {pool}")))?;
-            all.extend(found);
+                    .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+                    .map(|n| VolumeId::new(&cluster, &pool, &n)),
+            );
+            ioctxs.insert((cluster, pool), io);
         }
-        paginate(all, |v| v.id.encode(), max_entries, token)
+        let page = paginate(ids, |v| v.encode(), max_entries, token)?;
+        // Opening an image costs round trips: spread the page over a few blocking tasks.
+        let chunk = page.entries.len().div_ceil(LIST_PARALLELISM).max(1);
+        let mut tasks = Vec::new();
+        for part in page.entries.chunks(chunk) {
+            let part = part.to_vec();
+            let ioctxs: Vec<Arc<IoCtx>> = part
+                .iter()
+                .map(|id| ioctxs[&(id.cluster_id.clone(), id.pool.clone())].clone())
+                .collect();
+            // Spawned now, so the parts run at the same time.
+            tasks.push(tokio::task::spawn_blocking(
+                move || -> Result<Vec<VolumeInfo>, CephError> {
+                    let mut out = Vec::with_capacity(part.len());
+                    for (id, io) in part.into_iter().zip(ioctxs) {
+                        let img = match io.open_image_read_only(&id.image) {
+                            // Deleted since the listing: not part of the answer.
+                            Err(e) if e.not_found() => continue,
+                            r => r?,
+                        };
+                        out.push(VolumeInfo {
+                            size: img.size()?,
+                            attachments: read_attachments(&img)?,
+                            id,
+                        });
+                    }
+                    Ok(out)
+                },
+            ));
+        }
+        let mut entries = Vec::with_capacity(page.entries.len());
+        for t in tasks {
+            let part = t
+                .await
+                .map_err(|e| Error::Internal(format!("listing volumes: {e}")))?;
+            entries.extend(part.map_err(Error::ceph("reading volumes"))?);
+        }
+        Ok(Page {
+            entries,
+            next_token: page.next_token,
+        })
     }
 
     /// Bytes available for new volumes in a pool (`max_avail` from `ceph df`), or in the whole
