@@ -739,6 +739,19 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
             .unwrap();
         assert!(st.success(), "ceph-dev.sh {args:?}");
     };
+    // Stops the private cluster even when an assertion fails, before its directory goes.
+    struct Down<'a>(&'a std::path::Path, &'static str);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("bash")
+                .arg(self.1)
+                .arg("down")
+                .arg(self.0)
+                .stdout(std::process::Stdio::null())
+                .status();
+        }
+    }
+    let _down = Down(own.path(), script);
     dev(&["up"], false);
     drop(c);
     let c = Cluster {
