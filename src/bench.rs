@@ -12,7 +12,7 @@ use crate::client::CsiClient;
 use crate::csi::proto;
 use crate::secret::Secret;
 use crate::volume::params::{parse_features, DEFAULT_FEATURES};
-use crate::volume::ClusterConfig;
+use crate::volume::{ClusterConfig, Credentials};
 use anyhow::{anyhow, bail, Context as _};
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -1177,11 +1177,8 @@ impl Floor {
         let entry = clusters
             .get(&cluster)
             .ok_or_else(|| anyhow!("cluster {cluster} is not in {}", cfg_path.display()))?;
-        let user = secrets
-            .get("userID")
-            .ok_or_else(|| anyhow!("--floor needs --secret-dir"))?
-            .clone();
-        let key = Secret::new(secrets.get("userKey").cloned().unwrap_or_default());
+        anyhow::ensure!(!secrets.is_empty(), "--floor needs --secret-dir");
+        let Credentials { user, key } = Credentials::from_secrets(secrets)?;
         let features = parse_features(
             params
                 .get("imageFeatures")

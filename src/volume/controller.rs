@@ -336,6 +336,16 @@ impl Controller {
         creds: &Credentials,
     ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
+        self.pool_ioctx(conn, cluster_id, pool).await
+    }
+
+    /// A pool's I/O context on a connection the caller already holds.
+    async fn pool_ioctx(
+        &self,
+        conn: Arc<Connection>,
+        cluster_id: &str,
+        pool: &str,
+    ) -> Result<Arc<IoCtx>, Error> {
         if let Some(io) = conn.cached_ioctx(pool) {
             return Ok(io);
         }
@@ -389,7 +399,7 @@ impl Controller {
 
         let conn = self.connect(&req.params.cluster_id, &req.creds).await?;
         let io = self
-            .ioctx(&req.params.cluster_id, &req.params.pool, &req.creds)
+            .pool_ioctx(conn.clone(), &req.params.cluster_id, &req.params.pool)
             .await?;
         let opts = ImageOptions {
             features,
@@ -876,7 +886,7 @@ impl Controller {
             .ok_or_else(|| Error::aborted_in_flight(name))?;
         let conn = self.connect(&src.cluster_id, &creds).await?;
         let io = self
-            .ioctx(&src.cluster_id, &src.pool, &creds)
+            .pool_ioctx(conn.clone(), &src.cluster_id, &src.pool)
             .await
             .map_err(not_found_source(source_volume))?;
         let snap_image = naming::snapshot_image(name);

@@ -64,18 +64,21 @@ impl Credentials {
 
     /// Reads `userID` and `userKey` files from a directory, the layout of a mounted Kubernetes Secret.
     pub fn from_dir(dir: &std::path::Path) -> anyhow::Result<Self> {
-        let read = |n: &str| -> anyhow::Result<String> {
-            let p = dir.join(n);
-            Ok(std::fs::read_to_string(&p)
-                .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?
-                .trim()
-                .to_string())
-        };
-        let mut m = HashMap::new();
-        m.insert("userID".to_string(), read("userID")?);
-        m.insert("userKey".to_string(), read("userKey")?);
-        Self::from_secrets(&m).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
+        Self::from_secrets(&read_secret_dir(dir)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))
     }
+}
+
+/// The `userID` and `userKey` files of a secret directory, as a CSI secrets map (unvalidated).
+pub fn read_secret_dir(dir: &std::path::Path) -> anyhow::Result<HashMap<String, String>> {
+    let mut m = HashMap::new();
+    for k in ["userID", "userKey"] {
+        let p = dir.join(k);
+        let v = std::fs::read_to_string(&p)
+            .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?;
+        m.insert(k.to_string(), v.trim().to_string());
+    }
+    Ok(m)
 }
 
 /// Domain errors. Each variant is one gRPC code; `csi::status` does the mapping once.
