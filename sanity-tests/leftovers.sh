@@ -7,7 +7,9 @@ mounts=$(grep -E '/tmp/rook-rbd-|rbd-fuse|/rook-rbd-test' /proc/self/mountinfo |
 [[ -n $mounts ]] && { echo "leftover mounts:"; echo "$mounts"; bad=1; }
 loops=$(losetup --list --noheadings -O NAME,BACK-FILE 2>/dev/null | grep -E 'rook-rbd|fuse' || true)
 [[ -n $loops ]] && { echo "leftover loop devices:"; echo "$loops"; bad=1; }
-fuse=$(pgrep -a rbd-fuse || true)
+# Live ones only: an exited rbd-fuse stays a zombie until PID 1 reaps it (some container init
+# processes never do), and a zombie holds no mount, device or cluster connection.
+fuse=$(ps -C rbd-fuse -o pid=,stat=,args= | awk '$2 !~ /^Z/' || true)
 [[ -n $fuse ]] && { echo "leftover rbd-fuse processes:"; echo "$fuse"; bad=1; }
 drivers=$(pgrep -af 'rook-rbd csi' || true)
 [[ -n $drivers ]] && { echo "leftover drivers:"; echo "$drivers"; bad=1; }
