@@ -5,8 +5,8 @@
 //! The hot path is a few relaxed atomic adds into a table sized at start-up: no locks, no
 //! allocation, no logging. Rendering, which happens once per scrape, does the formatting.
 
+use crate::ceph::health::Health;
 use crate::ceph::ConnectionPool;
-use crate::csi::health::Health;
 use crate::volume::guard::InFlight;
 use std::fmt::Write as _;
 use std::future::Future;

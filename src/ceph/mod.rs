@@ -5,6 +5,7 @@
 //! thread pool, never on its async workers.
 
 pub mod ffi;
+pub mod health;
 pub mod pool;
 pub mod rados;
 pub mod rbd;

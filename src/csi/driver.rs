@@ -2,11 +2,11 @@
 //! registration and the gRPC services.
 
 use super::controller::ControllerService;
-use super::health::Health;
 use super::identity::IdentityService;
 use super::node::NodeService;
 use super::proto;
 use super::server::{self, Endpoint};
+use crate::ceph::health::Health;
 use crate::ceph::{CephTimeouts, ConnectionPool};
 use crate::metrics::{RpcMetrics, RpcMetricsLayer, Sources};
 use crate::node::{NodeConfig, NodeDriver};
@@ -58,9 +58,11 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         opts.controller_cfg.clone(),
     ));
     let health = Arc::new(Health::default());
-    health
-        .clone()
-        .spawn(clusters.clone(), pool.clone(), opts.health_interval);
+    health.clone().spawn(
+        clusters.health_targets(),
+        pool.clone(),
+        opts.health_interval,
+    );
 
     if opts.node {
         let node_id = opts.node_id.clone().unwrap_or_default();

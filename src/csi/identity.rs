@@ -1,8 +1,8 @@
 //! CSI Identity: plugin name and version, capabilities, and a Probe that tells the truth about
 //! the cluster from the cached health check.
 
-use super::health::Health;
 use super::proto::{self, identity_server::Identity, plugin_capability};
+use crate::ceph::health::Health;
 use std::sync::Arc;
 use tonic::{Request, Response, Status};
 

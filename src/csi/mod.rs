@@ -4,7 +4,6 @@
 pub mod codec;
 pub mod controller;
 pub mod driver;
-pub mod health;
 pub mod identity;
 pub mod node;
 pub mod server;

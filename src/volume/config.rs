@@ -60,6 +60,16 @@ impl ClusterConfig {
     pub fn entries(&self) -> impl Iterator<Item = &ClusterEntry> {
         self.clusters.values()
     }
+
+    /// What the cluster health check watches.
+    pub fn health_targets(&self) -> Vec<crate::ceph::health::Target> {
+        self.entries()
+            .map(|e| crate::ceph::health::Target {
+                cluster_id: e.cluster_id.clone(),
+                monitors: e.monitors.clone(),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -4,14 +4,20 @@
 //! connection exists, when a monitor answers the messenger banner on TCP. Probe is ready only
 //! when every configured cluster is healthy.
 
-use crate::ceph::pool::blocking;
-use crate::ceph::ConnectionPool;
-use crate::volume::ClusterConfig;
+use super::pool::blocking;
+use super::ConnectionPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncReadExt;
+
+/// A cluster to watch: its ID (as connections in the pool are keyed) and its monitors.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub cluster_id: String,
+    pub monitors: Vec<String>,
+}
 
 #[derive(Default)]
 pub struct Health {
@@ -34,10 +40,10 @@ impl Health {
     }
 
     /// One round of checks over every cluster; updates the cached answer.
-    pub async fn check(&self, clusters: &ClusterConfig, pool: &ConnectionPool, timeout: Duration) {
+    pub async fn check(&self, clusters: &[Target], pool: &ConnectionPool, timeout: Duration) {
         let conns: HashMap<String, _> = pool.connections().into_iter().collect();
         let mut problems = Vec::new();
-        for entry in clusters.entries() {
+        for entry in clusters {
             let ok = match conns.get(&entry.cluster_id) {
                 Some(conn) => {
                     let conn = conn.clone();
@@ -79,7 +85,7 @@ impl Health {
     /// Checks now and then every `interval`, for the life of the process.
     pub fn spawn(
         self: Arc<Self>,
-        clusters: ClusterConfig,
+        clusters: Vec<Target>,
         pool: Arc<ConnectionPool>,
         interval: Duration,
     ) {

@@ -1,0 +1,258 @@
+//! ListVolumes, ControllerGetVolume, ValidateVolumeCapabilities' existence check and GetCapacity.
+
+use super::attach::read_attachments;
+use super::{Controller, Page, VolumeInfo, LIST_PARALLELISM};
+use crate::ceph::pool::{blocking, with_ioctx};
+use crate::ceph::{CephError, IoCtx};
+use crate::volume::{ClusterEntry, Credentials, Error, VolumeId};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+impl Controller {
+    pub async fn get_volume(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<VolumeInfo, Error> {
+        let id = self.decode_existing(volume_id)?;
+        let creds = self.creds(secrets)?;
+        let io = self
+            .ioctx(&id.cluster_id, &id.pool, &creds)
+            .await
+            .map_err(|e| match e {
+                Error::InvalidArgument(m) => Error::NotFound(m),
+                e => e,
+            })?;
+        let image = id.image.clone();
+        let (size, attachments) = with_ioctx(io, move |io| {
+            let img = io.open_image_read_only(&image)?;
+            Ok((img.size()?, read_attachments(&img)?))
+        })
+        .await
+        .map_err(|e| {
+            if e.not_found() {
+                Error::NotFound(format!("volume {volume_id} does not exist"))
+            } else {
+                Error::ceph("reading volume")(e)
+            }
+        })?;
+        Ok(VolumeInfo {
+            id,
+            size,
+            attachments,
+        })
+    }
+
+    // ---------------------------------------------------------------- listing / capacity
+
+    /// (cluster, pool) pairs to search: RBD pools of each cluster, or just the one in `scope`.
+    pub(super) async fn pools(
+        &self,
+        scope: Option<&VolumeId>,
+        creds: &Credentials,
+    ) -> Result<Vec<(String, String)>, Error> {
+        if let Some(v) = scope {
+            return Ok(vec![(v.cluster_id.clone(), v.pool.clone())]);
+        }
+        let mut out = Vec::new();
+        let mut ids: Vec<&ClusterEntry> = self.clusters.entries().collect();
+        ids.sort_by(|a, b| a.cluster_id.cmp(&b.cluster_id));
+        for entry in ids {
+            let conn = self.connect(&entry.cluster_id, creds).await?;
+            let raw = blocking(move || {
+                conn.mon_command(r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#)
+            })
+            .await
+            .map_err(Error::ceph("listing pools"))?;
+            let pools: Vec<serde_json::Value> = serde_json::from_slice(&raw).unwrap_or_default();
+            for p in pools {
+                let is_rbd = p
+                    .get("application_metadata")
+                    .and_then(|m| m.get("rbd"))
+                    .is_some();
+                if let (true, Some(name)) = (is_rbd, p.get("pool_name").and_then(|n| n.as_str())) {
+                    out.push((entry.cluster_id.clone(), name.to_string()));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_volumes(
+        &self,
+        max_entries: i32,
+        token: &str,
+    ) -> Result<Page<VolumeInfo>, Error> {
+        let creds = self.creds(&HashMap::new())?;
+        if max_entries < 0 {
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
+        }
+        let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().collect();
+        // IDs come from names alone, so list, page, and open only the page's images.
+        let mut ids = Vec::new();
+        let mut ioctxs = HashMap::new();
+        for (cluster, pool) in self.pools(None, &creds).await? {
+            let io = self.ioctx(&cluster, &pool, &creds).await?;
+            let names = with_ioctx(io.clone(), |io| io.list_images())
+                .await
+                .map_err(Error::ceph(format!("listing volumes in {pool}")))?;
+            ids.extend(
+                names
+                    .into_iter()
+                    .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
+                    .map(|n| VolumeId::new(&cluster, &pool, &n)),
+            );
+            ioctxs.insert((cluster, pool), io);
+        }
+        let page = paginate(ids, |v| v.encode(), max_entries, token)?;
+        // Opening an image costs round trips: spread the page over a few blocking tasks.
+        let chunk = page.entries.len().div_ceil(LIST_PARALLELISM).max(1);
+        let mut tasks = Vec::new();
+        for part in page.entries.chunks(chunk) {
+            let part = part.to_vec();
+            let ioctxs: Vec<Arc<IoCtx>> = part
+                .iter()
+                .map(|id| ioctxs[&(id.cluster_id.clone(), id.pool.clone())].clone())
+                .collect();
+            // Spawned now, so the parts run at the same time.
+            tasks.push(tokio::task::spawn_blocking(
+                move || -> Result<Vec<VolumeInfo>, CephError> {
+                    let mut out = Vec::with_capacity(part.len());
+                    for (id, io) in part.into_iter().zip(ioctxs) {
+                        let img = match io.open_image_read_only(&id.image) {
+                            // Deleted since the listing: not part of the answer.
+                            Err(e) if e.not_found() => continue,
+                            r => r?,
+                        };
+                        out.push(VolumeInfo {
+                            size: img.size()?,
+                            attachments: read_attachments(&img)?,
+                            id,
+                        });
+                    }
+                    Ok(out)
+                },
+            ));
+        }
+        let mut entries = Vec::with_capacity(page.entries.len());
+        for t in tasks {
+            let part = t
+                .await
+                .map_err(|e| Error::Internal(format!("listing volumes: {e}")))?;
+            entries.extend(part.map_err(Error::ceph("reading volumes"))?);
+        }
+        Ok(Page {
+            entries,
+            next_token: page.next_token,
+        })
+    }
+
+    /// Bytes available for new volumes in a pool (`max_avail` from `ceph df`), or in the whole
+    /// cluster when no pool is given.
+    pub async fn capacity(&self, params: &HashMap<String, String>) -> Result<u64, Error> {
+        let creds = self.creds(&HashMap::new())?;
+        let ids: Vec<String> = match params.get("clusterID") {
+            Some(c) => {
+                self.cluster(c)?;
+                vec![c.clone()]
+            }
+            None => self
+                .clusters
+                .entries()
+                .map(|e| e.cluster_id.clone())
+                .collect(),
+        };
+        let pool = params.get("pool").cloned();
+        let mut total = 0u64;
+        for id in ids {
+            let conn = self.connect(&id, &creds).await?;
+            let raw = blocking(move || conn.mon_command(r#"{"prefix":"df","format":"json"}"#))
+                .await
+                .map_err(Error::ceph("ceph df"))?;
+            let df: serde_json::Value = serde_json::from_slice(&raw)
+                .map_err(|e| Error::Internal(format!("parsing ceph df: {e}")))?;
+            total += match &pool {
+                Some(p) => df["pools"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|x| x["name"] == p.as_str()))
+                    .and_then(|x| x["stats"]["max_avail"].as_u64())
+                    .ok_or_else(|| {
+                        Error::InvalidArgument(format!("pool {p:?} does not exist in cluster {id}"))
+                    })?,
+                None => df["stats"]["total_avail_bytes"].as_u64().unwrap_or(0),
+            };
+        }
+        Ok(total)
+    }
+
+    /// Whether `volume_id` names an existing volume (for ValidateVolumeCapabilities).
+    pub async fn exists(
+        &self,
+        volume_id: &str,
+        secrets: &HashMap<String, String>,
+    ) -> Result<VolumeId, Error> {
+        self.get_volume(volume_id, secrets).await.map(|v| v.id)
+    }
+}
+
+/// Sorted, token-based pagination: the token is the ID of the last entry returned, so entries
+/// deleted or added between pages neither repeat nor shift the rest.
+pub(super) fn paginate<T>(
+    mut all: Vec<T>,
+    key: impl Fn(&T) -> String,
+    max_entries: i32,
+    token: &str,
+) -> Result<Page<T>, Error> {
+    if max_entries < 0 {
+        return Err(Error::InvalidArgument(
+            "max_entries must not be negative".into(),
+        ));
+    }
+    all.sort_by_key(&key);
+    if !token.is_empty() && VolumeId::decode(token).is_err() {
+        return Err(Error::Aborted(format!(
+            "starting_token {token:?} is not a token this driver issued"
+        )));
+    }
+    let start = if token.is_empty() {
+        0
+    } else {
+        all.partition_point(|e| key(e).as_str() <= token)
+    };
+    let mut rest: Vec<T> = all.into_iter().skip(start).collect();
+    let mut next_token = String::new();
+    if max_entries > 0 && rest.len() > max_entries as usize {
+        rest.truncate(max_entries as usize);
+        next_token = rest.last().map(&key).unwrap_or_default();
+    }
+    Ok(Page {
+        entries: rest,
+        next_token,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pagination_resumes_after_the_last_returned_id_even_if_it_was_deleted() {
+        let ids: Vec<String> = (0..5)
+            .map(|i| VolumeId::new("c", "p", &format!("img{i}")).encode())
+            .collect();
+        let p1 = paginate(ids.clone(), |s| s.clone(), 2, "").unwrap();
+        assert_eq!(p1.entries, ids[..2]);
+        let without_last: Vec<String> = ids.iter().filter(|s| **s != ids[1]).cloned().collect();
+        let p2 = paginate(without_last, |s| s.clone(), 2, &p1.next_token).unwrap();
+        assert_eq!(p2.entries, ids[2..4]);
+        let p3 = paginate(ids.clone(), |s| s.clone(), 2, &p2.next_token).unwrap();
+        assert_eq!(p3.entries, ids[4..]);
+        assert!(p3.next_token.is_empty());
+        assert!(matches!(
+            paginate(ids, |s| s.clone(), 2, "bogus"),
+            Err(Error::Aborted(_))
+        ));
+    }
+}
