@@ -10,7 +10,7 @@ pub mod naming;
 pub mod params;
 
 pub use config::{ClusterConfig, ClusterEntry};
-pub use guard::{InFlight, InFlightGuard};
+pub use guard::{InFlight, InFlightGuard, RunError};
 pub use id::{IdError, SnapshotId, VolumeId};
 pub use params::VolumeParams;
 
@@ -121,6 +121,14 @@ impl Error {
 
     pub fn aborted_in_flight(what: &str) -> Error {
         Error::Aborted(format!("an operation on {what} is already in progress"))
+    }
+}
+
+/// Both are retried by the caller: a busy key clears once the first operation ends, and an
+/// operation whose outcome is unknown is safe to run again (every operation is idempotent).
+impl From<RunError> for Error {
+    fn from(e: RunError) -> Self {
+        Error::Aborted(e.to_string())
     }
 }
 
