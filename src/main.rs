@@ -119,6 +119,15 @@ struct CsiArgs {
     /// (krbd where the kernel has rbd, else nbd, else rbd-fuse plus a loop device).
     #[arg(long, env = "DEFAULT_MOUNTER", default_value = "auto")]
     default_mounter: String,
+    /// Where kubelet looks for plugin registration sockets. The node plugin registers itself
+    /// there (no node-driver-registrar needed) when the directory exists.
+    /// Default: <kubelet-dir>/plugins_registry.
+    #[arg(long, env = "REGISTRATION_DIR")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket as kubelet sees it, if not the --endpoint path (only when the plugin's
+    /// view of the host's paths differs from kubelet's).
+    #[arg(long)]
+    kubelet_registration_path: Option<PathBuf>,
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
@@ -184,6 +193,8 @@ fn main() -> std::process::ExitCode {
                     },
                     metrics_address: a.metrics_address,
                     default_mounter: a.default_mounter,
+                    registration_dir: a.registration_dir,
+                    kubelet_registration_path: a.kubelet_registration_path,
                 })
                 .await
             }

@@ -33,6 +33,8 @@ pub struct DriverOptions {
     pub controller_cfg: ControllerConfig,
     pub metrics_address: Option<String>,
     pub default_mounter: String,
+    pub registration_dir: Option<PathBuf>,
+    pub kubelet_registration_path: Option<PathBuf>,
 }
 
 pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
@@ -131,6 +133,10 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         tracing::info!(address = %local, "serving /metrics and /healthz");
     }
     server::serve(&endpoint, router, || {
+        // Only now: kubelet dials the CSI socket as soon as it has read our registration.
+        if opts.node {
+            spawn_kubelet_registration(&opts, &endpoint);
+        }
         tracing::info!(
             controller = opts.controller,
             node = opts.node,
@@ -163,6 +169,32 @@ fn spawn_registration(controller: Arc<Controller>, node_id: String, creds: Optio
                     delay = (delay * 2).min(Duration::from_secs(30));
                 }
             }
+        }
+    });
+}
+
+/// Offers the plugin to kubelet through its plugin registration directory, if there is one.
+fn spawn_kubelet_registration(opts: &DriverOptions, endpoint: &Endpoint) {
+    let dir = opts
+        .registration_dir
+        .clone()
+        .unwrap_or_else(|| opts.kubelet_dir.join("plugins_registry"));
+    if !dir.is_dir() {
+        tracing::info!(dir = %dir.display(), "no kubelet plugin registration directory; not registering with kubelet");
+        return;
+    }
+    let csi_socket = match (&opts.kubelet_registration_path, endpoint) {
+        (Some(p), _) => p.clone(),
+        (None, Endpoint::Unix(p)) => p.clone(),
+        (None, Endpoint::Tcp(_)) => {
+            tracing::warn!("kubelet only dials Unix sockets: not registering a TCP endpoint");
+            return;
+        }
+    };
+    let reg = super::registration::Registration::new(&opts.driver_name, csi_socket);
+    tokio::spawn(async move {
+        if let Err(e) = reg.serve(dir).await {
+            tracing::error!(error = %e, "kubelet plugin registration stopped");
         }
     });
 }
