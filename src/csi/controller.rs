@@ -134,7 +134,14 @@ impl controller_server::Controller for ControllerService {
         let r = req.into_inner();
         crate::volume::controller::validate_name("name", &r.name)?;
         check_capabilities(&r.volume_capabilities)?;
-        let params = VolumeParams::parse(&r.parameters)?;
+        let mut parameters = r.parameters;
+        // A StorageClass may leave clusterID out when the driver knows only one cluster.
+        if !parameters.contains_key("clusterID") {
+            if let Some(only) = self.inner.clusters().only() {
+                parameters.insert("clusterID".into(), only.cluster_id.clone());
+            }
+        }
+        let params = VolumeParams::parse(&parameters)?;
         let unknown = params.unknown_keys();
         if !unknown.is_empty() {
             tracing::warn!(keys = ?unknown, "ignoring StorageClass parameters this driver does not know");

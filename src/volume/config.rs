@@ -57,6 +57,14 @@ impl ClusterConfig {
         self.clusters.get(id)
     }
 
+    /// The one cluster, when the config lists exactly one.
+    pub fn only(&self) -> Option<&ClusterEntry> {
+        match self.clusters.len() {
+            1 => self.clusters.values().next(),
+            _ => None,
+        }
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &ClusterEntry> {
         self.clusters.values()
     }
@@ -84,7 +92,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.get("abc").unwrap().monitors.len(), 2);
         assert_eq!(c.get("abc").unwrap().registry_pool(), "rbd");
+        assert_eq!(c.only().unwrap().cluster_id, "abc");
         assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":[]}]"#).is_err());
+        let two = ClusterConfig::parse(
+            r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"b","monitors":["m"]}]"#,
+        )
+        .unwrap();
+        assert!(two.only().is_none());
         assert!(ClusterConfig::parse(
             r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"a","monitors":["m"]}]"#
         )
