@@ -124,6 +124,12 @@ extern "C" {
         buf: *const c_char,
         len: size_t,
     ) -> c_int;
+    pub fn rados_append(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *const c_char,
+        len: size_t,
+    ) -> c_int;
     pub fn rados_read(
         io: rados_ioctx_t,
         oid: *const c_char,
