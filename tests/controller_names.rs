@@ -39,17 +39,32 @@ async fn every_volume_clone_and_snapshot_carries_the_name_that_made_it() {
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("mark");
-    let v = create_volume(&mut cl, create_req(&c, &name, 16 * MIB)).await;
-    assert_eq!(meta(&c, &image_of(&v.volume_id), NAME_KEY), Some(name));
+    let mut req = create_req(&c, &name, 16 * MIB);
+    // What the external-provisioner adds with --extra-create-metadata.
+    req.parameters
+        .insert("csi.storage.k8s.io/pv/name".into(), name.clone());
+    req.parameters
+        .insert("csi.storage.k8s.io/pvc/name".into(), "claim".into());
+    let v = create_volume(&mut cl, req).await;
+    let image = image_of(&v.volume_id);
+    assert_eq!(meta(&c, &image, NAME_KEY), Some(name.clone()));
+    assert_eq!(meta(&c, &image, "csi.storage.k8s.io/pv/name"), Some(name));
+    assert_eq!(
+        meta(&c, &image, "csi.storage.k8s.io/pvc/name").as_deref(),
+        Some("claim")
+    );
 
     // A clone inherits its parent's metadata in librbd; its mark must be its own.
     let clone_name = unique("mark-clone");
     let mut req = create_req(&c, &clone_name, 16 * MIB);
     req.volume_content_source = volume_source(&v.volume_id);
     let clone = create_volume(&mut cl, req).await;
+    let clone_image = image_of(&clone.volume_id);
+    assert_eq!(meta(&c, &clone_image, NAME_KEY), Some(clone_name));
     assert_eq!(
-        meta(&c, &image_of(&clone.volume_id), NAME_KEY),
-        Some(clone_name)
+        meta(&c, &clone_image, "csi.storage.k8s.io/pv/name"),
+        None,
+        "the parent's PV name does not carry over"
     );
 
     let snap_name = unique("mark-snap");

@@ -236,6 +236,26 @@ impl IoCtx {
         Ok(())
     }
 
+    /// Calls an object class method that returns no data.
+    pub fn exec(&self, oid: &str, class: &str, method: &str, input: &[u8]) -> Result<()> {
+        let o = cstr("rados_exec", oid)?;
+        let c = cstr("rados_exec", class)?;
+        let m = cstr("rados_exec", method)?;
+        check("rados_exec", &self.target(oid), unsafe {
+            ffi::rados_exec(
+                self.raw,
+                o.as_ptr(),
+                c.as_ptr(),
+                m.as_ptr(),
+                input.as_ptr() as *const libc::c_char,
+                input.len(),
+                ptr::null_mut(),
+                0,
+            )
+        })?;
+        Ok(())
+    }
+
     /// Reads a whole small object; `None` when it does not exist.
     pub fn read_small(&self, oid: &str) -> Result<Option<Vec<u8>>> {
         let o = cstr("rados_read", oid)?;

@@ -7,7 +7,7 @@
 use super::ownership::{check_mark, mark};
 use super::{
     ignore_exists, ignore_missing, not_found_source, parent_name, size_for, unfinished,
-    validate_name, Controller, CreateRequest, Source, Volume, INHERITED_KEYS, PARENT_KEY,
+    validate_name, Controller, CreateRequest, Source, Volume, INHERITED_KEYS, NAME_KEY, PARENT_KEY,
 };
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, Image, ImageOptions, IoCtx};
@@ -197,19 +197,22 @@ impl Controller {
     }
 }
 
-/// Makes (or completes) the image, then writes the Kubernetes metadata on it.
+/// Makes (or completes) the image, marked, with the Kubernetes metadata on it.
 fn build_volume(
     t: &Target,
     src: Option<&CloneSource>,
     k8s_meta: &[(String, String)],
 ) -> Result<(), Error> {
-    let img = match src {
-        Some(src) => create_clone(src, t)?,
-        None => create_plain(t)?,
-    };
-    for (k, v) in k8s_meta {
+    match src {
+        Some(src) => write_metadata(&create_clone(src, t)?, t.image, k8s_meta),
+        None => create_plain(t, k8s_meta),
+    }
+}
+
+fn write_metadata(img: &Image, image: &str, meta: &[(String, String)]) -> Result<(), Error> {
+    for (k, v) in meta {
         img.metadata_set(k, v)
-            .map_err(unfinished(format!("writing {k} on {}", t.image)))?;
+            .map_err(unfinished(format!("writing {k} on {image}")))?;
     }
     Ok(())
 }
@@ -246,38 +249,44 @@ fn open_or_discard_partial(io: &IoCtx, name: &str) -> Result<Option<Image>, Erro
     }
 }
 
-/// Creates an empty image, or accepts the one a previous attempt made if it matches. Returns it
-/// open and marked.
-fn create_plain(t: &Target) -> Result<Image, Error> {
+/// Creates an empty image, or accepts the one a previous attempt made if it matches; marks it
+/// and writes `meta` on it.
+fn create_plain(t: &Target, meta: &[(String, String)]) -> Result<(), Error> {
     for _ in 0..2 {
-        let fresh = match t.io.create_image(t.image, t.size, t.opts) {
-            Ok(()) => true,
-            Err(e) if e.exists() => false,
+        match t.io.create_image(t.image, t.size, t.opts) {
+            Ok(()) => {
+                // Just made, under our key: nobody has it open, so the mark needs no open image.
+                let mut all = vec![(NAME_KEY, t.name)];
+                all.extend(meta.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+                return t
+                    .io
+                    .metadata_set_unopened(t.image, &all)
+                    .map_err(unfinished(format!("marking {}", t.image)));
+            }
+            Err(e) if e.exists() => {}
             // librbd undoes a create it could not finish: nothing of ours is left.
             Err(e) => return Err(Error::ceph(format!("creating image {}", t.image))(e)),
-        };
+        }
         let Some(img) = open_or_discard_partial(t.io, t.image)? else {
             continue;
         };
-        if !fresh {
-            check_mark(&img, t.image, t.name, None)?;
-            let ctx = || unfinished(format!("reading image {}", t.image));
-            if img.parent().map_err(ctx())?.is_some() {
-                return Err(Error::AlreadyExists(format!(
-                    "volume {} exists with a content source",
-                    t.image
-                )));
-            }
-            let have = img.size().map_err(ctx())?;
-            if have != t.size {
-                return Err(Error::AlreadyExists(format!(
-                    "volume exists with size {have}, not {}",
-                    t.size
-                )));
-            }
+        check_mark(&img, t.image, t.name, None)?;
+        let ctx = || unfinished(format!("reading image {}", t.image));
+        if img.parent().map_err(ctx())?.is_some() {
+            return Err(Error::AlreadyExists(format!(
+                "volume {} exists with a content source",
+                t.image
+            )));
+        }
+        let have = img.size().map_err(ctx())?;
+        if have != t.size {
+            return Err(Error::AlreadyExists(format!(
+                "volume exists with size {have}, not {}",
+                t.size
+            )));
         }
         mark(&img, t.image, t.name)?;
-        return Ok(img);
+        return write_metadata(&img, t.image, meta);
     }
     Err(Error::Aborted(format!(
         "image {} keeps appearing half-made; retry",
