@@ -124,6 +124,22 @@ extern "C" {
         buf: *const c_char,
         len: size_t,
     ) -> c_int;
+    pub fn rados_append(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *const c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_exec(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        cls: *const c_char,
+        method: *const c_char,
+        in_buf: *const c_char,
+        in_len: size_t,
+        buf: *mut c_char,
+        out_len: size_t,
+    ) -> c_int;
     pub fn rados_read(
         io: rados_ioctx_t,
         oid: *const c_char,

@@ -221,6 +221,41 @@ impl IoCtx {
         Ok(())
     }
 
+    /// Appends to an object, creating it if needed. The OSD applies appends one at a time, so
+    /// concurrent writers never lose each other's records (a read-modify-write would).
+    pub fn append(&self, oid: &str, data: &[u8]) -> Result<()> {
+        let o = cstr("rados_append", oid)?;
+        check("rados_append", &self.target(oid), unsafe {
+            ffi::rados_append(
+                self.raw,
+                o.as_ptr(),
+                data.as_ptr() as *const libc::c_char,
+                data.len(),
+            )
+        })?;
+        Ok(())
+    }
+
+    /// Calls an object class method that returns no data.
+    pub fn exec(&self, oid: &str, class: &str, method: &str, input: &[u8]) -> Result<()> {
+        let o = cstr("rados_exec", oid)?;
+        let c = cstr("rados_exec", class)?;
+        let m = cstr("rados_exec", method)?;
+        check("rados_exec", &self.target(oid), unsafe {
+            ffi::rados_exec(
+                self.raw,
+                o.as_ptr(),
+                c.as_ptr(),
+                m.as_ptr(),
+                input.as_ptr() as *const libc::c_char,
+                input.len(),
+                ptr::null_mut(),
+                0,
+            )
+        })?;
+        Ok(())
+    }
+
     /// Reads a whole small object; `None` when it does not exist.
     pub fn read_small(&self, oid: &str) -> Result<Option<Vec<u8>>> {
         let o = cstr("rados_read", oid)?;

@@ -94,6 +94,25 @@ impl IoCtx {
         Ok(())
     }
 
+    /// Sets image metadata with the object-class call librbd itself makes, without opening the
+    /// image: two round trips instead of librbd's open, watch, exclusive lock and close. Only for
+    /// an image nobody has open (one just created): an open handle would not see the change.
+    pub fn metadata_set_unopened(&self, name: &str, pairs: &[(&str, &str)]) -> Result<()> {
+        let id_object = format!("rbd_id.{name}");
+        let bad = |errno: i32| CephError::new("rados_read", self.target(&id_object), -errno);
+        let raw = self
+            .read_small(&id_object)?
+            .ok_or_else(|| bad(libc::ENOENT))?;
+        let id = decode_string(&raw).ok_or_else(|| bad(libc::EINVAL))?;
+        // cls_rbd's metadata_set takes a Ceph-encoded map<string, bufferlist>.
+        let mut input = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            encode_bytes(&mut input, k.as_bytes());
+            encode_bytes(&mut input, v.as_bytes());
+        }
+        self.exec(&format!("rbd_header.{id}"), "rbd", "metadata_set", &input)
+    }
+
     /// Clone `parent@snap` (in this pool) into `child` in `child_io` (clone v2: no protect needed).
     pub fn clone_image(
         &self,
@@ -470,5 +489,32 @@ impl Image {
             unsafe { ffi::rbd_watchers_list_cleanup(v.as_mut_ptr(), n) };
             return Ok(out);
         }
+    }
+}
+
+/// Ceph's encoding of a string or buffer: a little-endian u32 length, then the bytes.
+fn encode_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn decode_string(raw: &[u8]) -> Option<String> {
+    let (len, rest) = raw.split_first_chunk::<4>()?;
+    let b = rest.get(..u32::from_le_bytes(*len) as usize)?;
+    String::from_utf8(b.to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceph_strings_round_trip_and_short_input_is_refused() {
+        let mut b = Vec::new();
+        encode_bytes(&mut b, b"10ab3f9c2e");
+        assert_eq!(b[..4], [10, 0, 0, 0]);
+        assert_eq!(decode_string(&b).as_deref(), Some("10ab3f9c2e"));
+        assert_eq!(decode_string(&b[..8]), None);
+        assert_eq!(decode_string(&[1, 0]), None);
     }
 }

@@ -54,9 +54,9 @@ impl Cluster {
         ])
     }
 
-    /// Runs `rbd` against the cluster and returns stdout.
-    pub fn rbd(&self, args: &[&str]) -> String {
-        let out = Command::new("rbd")
+    /// Runs a Ceph CLI tool against the cluster; it must succeed. Returns stdout.
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
             .arg("-c")
             .arg(self.dir.join("ceph.conf"))
             .args(args)
@@ -64,25 +64,39 @@ impl Cluster {
             .unwrap();
         assert!(
             out.status.success(),
-            "rbd {args:?}: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `rbd` against the cluster and returns stdout.
+    pub fn rbd(&self, args: &[&str]) -> String {
+        self.tool("rbd", args)
+    }
+
     pub fn rados(&self, args: &[&str]) -> String {
-        let out = Command::new("rados")
-            .arg("-c")
-            .arg(self.dir.join("ceph.conf"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rados {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.tool("rados", args)
+    }
+
+    pub fn ceph(&self, args: &[&str]) -> String {
+        self.tool("ceph", args)
+    }
+
+    /// Writes `mib` MiB of real data from the start of an image (so a flatten has work to do).
+    pub fn write_data(&self, image: &str, mib: u64) {
+        self.rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-pattern",
+            "seq",
+            "--io-total",
+            &format!("{mib}M"),
+            &format!("rbd/{image}"),
+        ]);
     }
 
     pub fn images(&self) -> Vec<String> {
@@ -248,4 +262,47 @@ pub fn unique(prefix: &str) -> String {
 
 pub fn image_of(volume_id: &str) -> String {
     rook_rbd::volume::VolumeId::decode(volume_id).unwrap().image
+}
+
+/// CreateVolume that must succeed.
+pub async fn create_volume(cl: &mut CsiClient, req: proto::CreateVolumeRequest) -> proto::Volume {
+    cl.controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
+/// DeleteVolume that must succeed.
+pub async fn delete_volume(c: &Cluster, cl: &mut CsiClient, volume_id: &str) {
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+}
+
+/// DeleteSnapshot that must succeed.
+pub async fn delete_snapshot(c: &Cluster, cl: &mut CsiClient, snapshot_id: &str) {
+    cl.controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.into(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+}
+
+/// A content source naming a volume: the request makes a clone.
+pub fn volume_source(volume_id: &str) -> Option<proto::VolumeContentSource> {
+    use proto::volume_content_source as vcs;
+    Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Volume(vcs::VolumeSource {
+            volume_id: volume_id.into(),
+        })),
+    })
 }

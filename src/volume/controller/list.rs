@@ -89,12 +89,12 @@ impl Controller {
                 "max_entries must not be negative".into(),
             ));
         }
-        let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().collect();
         // IDs come from names alone, so list, page, and open only the page's images.
         let mut ids = Vec::new();
         let mut ioctxs = HashMap::new();
         for (cluster, pool) in self.pools(None, &creds).await? {
             let io = self.ioctx(&cluster, &pool, &creds).await?;
+            let prefixes = self.known_prefixes(&io).await?;
             let names = with_ioctx(io.clone(), |io| io.list_images())
                 .await
                 .map_err(Error::ceph(format!("listing volumes in {pool}")))?;

@@ -1,7 +1,10 @@
 //! Controller-side volume lifecycle on Ceph, one file per operation: `create` (empty, from a
 //! snapshot, from a volume), `delete` (and the trash), `expand`, `attach` (publish with fencing),
-//! `registry` (nodes), `snapshot`, `list` (volumes, capacity). This file holds the types and
-//! the connection plumbing they share.
+//! `registry` (nodes), `snapshot`, `list` (volumes, capacity), `ownership` (image marks and
+//! recorded name prefixes). This file holds the types and the plumbing they share.
+//!
+//! Every operation with side effects runs through [`Controller::run_owned`]: in a task that holds
+//! the operation's key until its work is over, even when the caller has stopped waiting.
 //!
 //! Idempotency comes from deterministic names (`naming`): a retried request finds the image it
 //! made before, and a half-made one is completed or removed. Snapshots are images of their own
@@ -13,6 +16,7 @@ mod create;
 mod delete;
 mod expand;
 mod list;
+mod ownership;
 mod registry;
 mod snapshot;
 
@@ -26,7 +30,8 @@ use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, IoCtx};
 use delete::TrashState;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -36,15 +41,18 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 /// Larger requests are refused with OutOfRange rather than handed to librbd.
 pub const MAX_SIZE: u64 = 1 << 50;
 const ATTACHMENTS_KEY: &str = "rook-rbd.attachments";
+/// The request name that made the image (see `ownership`).
 const NAME_KEY: &str = "rook-rbd.name";
-/// Per-image metadata that must not carry over from a parent to its clone.
-const INHERITED_KEYS: [&str; 6] = [
+/// Set by the external-provisioner's --extra-create-metadata; the PV name is the request name.
+const PV_NAME_KEY: &str = "csi.storage.k8s.io/pv/name";
+/// Per-image metadata that must not carry over from a parent to its clone. The clone's own mark
+/// replaces the parent's, so `NAME_KEY` is not removed but overwritten.
+const INHERITED_KEYS: [&str; 5] = [
     ATTACHMENTS_KEY,
-    NAME_KEY,
     PARENT_KEY,
     "csi.storage.k8s.io/pvc/name",
     "csi.storage.k8s.io/pvc/namespace",
-    "csi.storage.k8s.io/pv/name",
+    PV_NAME_KEY,
 ];
 /// The source image of a clone that has been flattened.
 const PARENT_KEY: &str = "rook-rbd.parent";
@@ -52,9 +60,6 @@ const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
 const TRASH_SOURCE_USER: i32 = 0;
 /// Blocking tasks ListVolumes spreads its image opens over.
 const LIST_PARALLELISM: usize = 8;
-
-/// A blocking step's result: Ceph failed (outer), or Ceph answered and the request is refused (inner).
-type Outcome<T> = Result<Result<T, Error>, CephError>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -135,8 +140,10 @@ pub struct Controller {
     inflight: InFlight,
     create_slots: Semaphore,
     cfg: ControllerConfig,
-    /// Image-name prefixes this controller has created with, for listing and trash sweeps.
+    /// Every image-name prefix this process has created with or read from a pool's record.
     prefixes: Mutex<BTreeSet<String>>,
+    /// (cluster, pool, prefix) known to be recorded in the pool (`ownership`).
+    recorded_prefixes: Mutex<HashSet<(String, String, String)>>,
     /// Per pool: whether the RBD trash may hold images of ours.
     trash_state: Arc<Mutex<HashMap<String, TrashState>>>,
 }
@@ -211,8 +218,25 @@ impl Controller {
             create_slots: Semaphore::new(cfg.create_concurrency.max(1)),
             cfg,
             prefixes: Mutex::new(prefixes),
+            recorded_prefixes: Default::default(),
             trash_state: Default::default(),
         }
+    }
+
+    /// Runs `work` as the one operation on `key`, in a task that owns the key until `work` is
+    /// over. A gRPC deadline drops the handler future, not the task: a retry gets `Aborted` until
+    /// the first attempt has finished, so it never runs beside (or undoes) the call it retries.
+    /// Whatever `work` needs (a semaphore permit, say) it must take inside, so the task owns it.
+    async fn run_owned<T, Fut>(
+        self: &Arc<Self>,
+        key: &str,
+        work: impl FnOnce(Arc<Self>) -> Fut,
+    ) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inflight.run(key, work(self.clone())).await?
     }
 
     pub fn pool(&self) -> &Arc<ConnectionPool> {
@@ -339,6 +363,22 @@ fn not_found_source(id: &str) -> impl FnOnce(Error) -> Error + '_ {
     move |e| match e {
         Error::InvalidArgument(_) => Error::NotFound(format!("source {id} does not exist")),
         e => e,
+    }
+}
+
+/// For a step after the image may exist. Whatever failed, the caller must retry rather than give
+/// up: the external-provisioner forgets a request that got a final code, and the half-made image
+/// leaks. A timeout keeps its own code (DeadlineExceeded); anything else becomes Aborted.
+fn unfinished(context: impl Into<String>) -> impl FnOnce(CephError) -> Error {
+    let context = context.into();
+    move |source| {
+        if source.timed_out() {
+            Error::Ceph { context, source }
+        } else {
+            Error::Aborted(format!(
+                "{context}: {source}; the image exists but is not complete: retry"
+            ))
+        }
     }
 }
 
