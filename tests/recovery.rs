@@ -38,7 +38,14 @@ async fn create_until_healed(
     let mut errors = Vec::new();
     while back.elapsed() < HEAL_WITHIN {
         match cl.controller.create_volume(req.clone()).await {
-            Ok(r) => return Ok(r.into_inner().volume.unwrap()),
+            Ok(r) => {
+                eprintln!(
+                    "CreateVolume succeeded {:?} after the daemon was back, after {} failures",
+                    back.elapsed(),
+                    errors.len()
+                );
+                return Ok(r.into_inner().volume.unwrap());
+            }
             Err(e) => errors.push(e),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
