@@ -53,6 +53,14 @@ async fn create_until_healed(
     Err(errors)
 }
 
+/// The driver's own account of connections it replaced, for the test's output.
+fn print_evictions(d: &Driver) {
+    let log = std::fs::read_to_string(d.path("driver.log")).unwrap_or_default();
+    for line in log.lines().filter(|l| l.contains("pooled Ceph connection")) {
+        eprintln!("driver: {line}");
+    }
+}
+
 fn assert_still_running(d: &mut Driver) {
     assert!(
         d.child.try_wait().unwrap().is_none(),
@@ -96,6 +104,7 @@ async fn osd_loss_and_return_heals_without_restart() {
     c.dev(&["wait-clean"]);
     let name = unique("after");
     let res = create_until_healed(&mut cl, &request(&c, &name, &secrets), back).await;
+    print_evictions(&d);
     assert_still_running(&mut d);
     let v = res.unwrap_or_else(|errs| {
         panic!(
@@ -145,6 +154,7 @@ async fn monitor_loss_and_return_heals_without_restart() {
     c.dev(&["wait-clean"]);
     let name = unique("after");
     let res = create_until_healed(&mut cl, &request(&c, &name, &secrets), back).await;
+    print_evictions(&d);
     assert_still_running(&mut d);
     let v = res.unwrap_or_else(|errs| {
         panic!(
@@ -207,6 +217,7 @@ async fn a_blocklisted_client_is_replaced_and_the_next_call_succeeds() {
         .into_inner()
         .volume
         .unwrap();
+    print_evictions(&d);
     assert_still_running(&mut d);
     assert!(c.images().contains(&common::image_of(&v.volume_id)));
     // The fenced connection was shut down, not just forgotten.
