@@ -76,11 +76,18 @@ async fn driver(c: &PrivateCluster) -> (Driver, CsiClient) {
     (d, cl)
 }
 
-#[tokio::test]
-async fn osd_loss_and_return_heals_without_restart() {
-    let Some(_shared) = cluster() else { return };
-    let _one = SERIAL.lock().await;
-    let c = PrivateCluster::up("rook-rbd-osd-loss", 3391);
+/// What to see while the daemon is gone, before starting it again.
+enum WhileDown {
+    /// A CreateVolume fails, as it must without an OSD.
+    CreateFails,
+    /// Probe reports the cluster unready: the driver has noticed.
+    ProbeUnready,
+}
+
+/// Driver up, a volume made, `daemon` killed (-9), the loss seen, the daemon started again and
+/// every PG clean: then a CreateVolume succeeds within `HEAL_WITHIN`, with no driver restart.
+async fn loss_and_return_heals(prefix: &str, mon_port: u16, daemon: &str, seen: WhileDown) {
+    let c = PrivateCluster::up(prefix, mon_port);
     let (mut d, mut cl) = driver(&c).await;
     let secrets = c.secrets();
     cl.controller
@@ -88,18 +95,36 @@ async fn osd_loss_and_return_heals_without_restart() {
         .await
         .unwrap();
 
-    c.dev(&["kill-daemon", "osd"]);
-    let e = cl
-        .controller
-        .create_volume(request(&c, &unique("during"), &secrets))
-        .await
-        .unwrap_err();
-    assert!(
-        matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable),
-        "{e:?}"
-    );
+    c.dev(&["kill-daemon", daemon]);
+    match seen {
+        WhileDown::CreateFails => {
+            let e = cl
+                .controller
+                .create_volume(request(&c, &unique("during"), &secrets))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(e.code(), Code::DeadlineExceeded | Code::Unavailable),
+                "{e:?}"
+            );
+        }
+        WhileDown::ProbeUnready => {
+            let since = Instant::now();
+            loop {
+                let probe = cl.identity.probe(proto::ProbeRequest {}).await.unwrap();
+                if probe.into_inner().ready == Some(false) {
+                    break;
+                }
+                assert!(
+                    since.elapsed() < Duration::from_secs(60),
+                    "Probe never noticed that the {daemon} was gone"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
 
-    c.dev(&["start-daemon", "osd"]);
+    c.dev(&["start-daemon", daemon]);
     let back = Instant::now();
     c.dev(&["wait-clean"]);
     let name = unique("after");
@@ -108,7 +133,7 @@ async fn osd_loss_and_return_heals_without_restart() {
     assert_still_running(&mut d);
     let v = res.unwrap_or_else(|errs| {
         panic!(
-            "no CreateVolume succeeded within {HEAL_WITHIN:?} of the OSD being back ({} tries): {:?}",
+            "no CreateVolume succeeded within {HEAL_WITHIN:?} of the {daemon} being back ({} tries): {:?}",
             errs.len(),
             errs.last()
         )
@@ -117,53 +142,17 @@ async fn osd_loss_and_return_heals_without_restart() {
 }
 
 #[tokio::test]
+async fn osd_loss_and_return_heals_without_restart() {
+    let Some(_shared) = cluster() else { return };
+    let _one = SERIAL.lock().await;
+    loss_and_return_heals("rook-rbd-osd-loss", 3391, "osd", WhileDown::CreateFails).await;
+}
+
+#[tokio::test]
 async fn monitor_loss_and_return_heals_without_restart() {
     let Some(_shared) = cluster() else { return };
     let _one = SERIAL.lock().await;
-    let c = PrivateCluster::up("rook-rbd-mon-loss", 3392);
-    let (mut d, mut cl) = driver(&c).await;
-    let secrets = c.secrets();
-    cl.controller
-        .create_volume(request(&c, &unique("before"), &secrets))
-        .await
-        .unwrap();
-
-    c.dev(&["kill-daemon", "mon"]);
-    // The driver has seen the loss once its health check says so.
-    let seen = Instant::now();
-    loop {
-        let ready = cl
-            .identity
-            .probe(proto::ProbeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .ready;
-        if ready == Some(false) {
-            break;
-        }
-        assert!(
-            seen.elapsed() < Duration::from_secs(60),
-            "Probe never noticed the monitor was gone"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-
-    c.dev(&["start-daemon", "mon"]);
-    let back = Instant::now();
-    c.dev(&["wait-clean"]);
-    let name = unique("after");
-    let res = create_until_healed(&mut cl, &request(&c, &name, &secrets), back).await;
-    print_evictions(&d);
-    assert_still_running(&mut d);
-    let v = res.unwrap_or_else(|errs| {
-        panic!(
-            "no CreateVolume succeeded within {HEAL_WITHIN:?} of the monitor being back ({} tries): {:?}",
-            errs.len(),
-            errs.last()
-        )
-    });
-    assert!(c.images().contains(&common::image_of(&v.volume_id)));
+    loss_and_return_heals("rook-rbd-mon-loss", 3392, "mon", WhileDown::ProbeUnready).await;
 }
 
 /// Addresses (`ip:port/nonce`) of the monitor sessions of one Ceph user.

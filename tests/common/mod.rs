@@ -56,22 +56,23 @@ impl Cluster {
 
     /// Runs `rbd` against the cluster and returns stdout.
     pub fn rbd(&self, args: &[&str]) -> String {
-        let out = Command::new("rbd")
-            .arg("-c")
-            .arg(self.dir.join("ceph.conf"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rbd {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.cli("rbd", args)
     }
 
     pub fn rados(&self, args: &[&str]) -> String {
-        let out = Command::new("rados")
+        self.cli("rados", args)
+    }
+
+    /// Runs the `ceph` CLI as client.admin and returns stdout.
+    pub fn ceph(&self, args: &[&str]) -> String {
+        let mut all = vec!["--connect-timeout", "30"];
+        all.extend_from_slice(args);
+        self.cli("ceph", &all)
+    }
+
+    /// Runs a Ceph command-line tool against the cluster and returns stdout; it must succeed.
+    fn cli(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
             .arg("-c")
             .arg(self.dir.join("ceph.conf"))
             .args(args)
@@ -79,7 +80,7 @@ impl Cluster {
             .unwrap();
         assert!(
             out.status.success(),
-            "rados {args:?}: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
@@ -308,24 +309,6 @@ impl PrivateCluster {
             "ceph-dev.sh {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-    }
-
-    /// Runs the `ceph` CLI as client.admin and returns stdout.
-    pub fn ceph(&self, args: &[&str]) -> String {
-        let out = Command::new("timeout")
-            .arg("30")
-            .arg("ceph")
-            .arg("-c")
-            .arg(self.path().join("ceph.conf"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ceph {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
     /// CSI secrets of the restricted client.csi user (`profile rbd`).
