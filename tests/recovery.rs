@@ -190,12 +190,23 @@ async fn a_blocklisted_client_is_replaced_and_the_next_call_succeeds() {
     assert_eq!(addrs.len(), 1, "one client.csi session: {addrs:?}");
     c.ceph(&["osd", "blocklist", "add", &addrs[0]]);
 
-    // The call that runs into the blocklist fails: its client is fenced.
-    let e = cl
-        .controller
-        .create_volume(request(&c, &unique("fenced"), &secrets))
-        .await
-        .unwrap_err();
+    // A call that runs into the blocklist fails: its client is fenced. (The first one may still
+    // pass if it reaches the OSD before the OSD has the map with the blocklist entry.)
+    let mut fenced = None;
+    for _ in 0..10 {
+        match cl
+            .controller
+            .create_volume(request(&c, &unique("fenced"), &secrets))
+            .await
+        {
+            Ok(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => {
+                fenced = Some(e);
+                break;
+            }
+        }
+    }
+    let e = fenced.expect("the blocklist never took effect");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 
     let v = cl

@@ -47,7 +47,8 @@ pub struct PoolPolicy {
     /// At most one such check per connection in this long.
     pub check_interval: Duration,
     /// How long the call that started a check waits for it before going on with the old
-    /// connection; the check itself goes on.
+    /// connection; the check itself goes on. Short, since in an outage that call pays it on top
+    /// of its own op timeout.
     pub check_wait: Duration,
 }
 
@@ -57,7 +58,7 @@ impl Default for PoolPolicy {
             idle_timeout: Duration::from_secs(300),
             suspect_after: 2,
             check_interval: Duration::from_secs(10),
-            check_wait: Duration::from_secs(2),
+            check_wait: Duration::from_secs(1),
         }
     }
 }
@@ -479,7 +480,7 @@ mod tests {
         idle_timeout: Duration::from_secs(300),
         suspect_after: 2,
         check_interval: Duration::from_secs(10),
-        check_wait: Duration::from_secs(2),
+        check_wait: Duration::from_secs(1),
     };
 
     fn health(osd_streak: u32, mon_streak: u32, fenced: bool) -> HealthSnapshot {

@@ -441,3 +441,27 @@ impl IoCtx {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_op_counts_as_laggy_well_before_librados_gives_up_on_it() {
+        // Otherwise the Objecter never asks for a newer osdmap on its own (see `connect`).
+        for secs in 1..=120 {
+            let op = Duration::from_secs(secs);
+            let laggy = laggy_after(op);
+            assert!(laggy * 2 <= op, "{op:?}: laggy after {laggy:?}");
+        }
+    }
+
+    #[test]
+    fn timeouts_and_fencing_are_told_apart_from_answers() {
+        assert_eq!(Outcome::of(0), Outcome::Answered);
+        assert_eq!(Outcome::of(5), Outcome::Answered);
+        assert_eq!(Outcome::of(-libc::ENOENT), Outcome::Answered);
+        assert_eq!(Outcome::of(-libc::ETIMEDOUT), Outcome::TimedOut);
+        assert_eq!(Outcome::of(-libc::ESHUTDOWN), Outcome::Fenced);
+    }
+}
