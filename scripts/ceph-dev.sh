@@ -7,6 +7,10 @@
 #   scripts/ceph-dev.sh down   [DIR]   stop its daemons; remove the data unless KEEP=1
 #   scripts/ceph-dev.sh status [DIR]   show daemons and `ceph -s`
 #   scripts/ceph-dev.sh env    [DIR]   print `export ...` lines for `eval "$(...)"`
+#   scripts/ceph-dev.sh kill-daemon  mon|mgr|osd [DIR]   SIGKILL one daemon (a crash), wait until gone
+#   scripts/ceph-dev.sh stop-daemon  mon|mgr|osd [DIR]   SIGTERM one daemon, wait until gone
+#   scripts/ceph-dev.sh start-daemon mon|mgr|osd [DIR]   start it again, wait until it serves
+#   scripts/ceph-dev.sh wait-clean   [DIR]   wait until every PG is active+clean
 #
 # DIR defaults to $CEPH_DEV_DIR, else <repo>/.dev-cluster.
 #
@@ -19,6 +23,7 @@
 #   CEPH_DEV_OSD_SIZE   sparse size of the OSD block file for a new cluster (default 10G)
 #   KEEP=1              `down` keeps the data; a later `up` restarts the same cluster
 #   CEPH_DEV_NO_INSTALL=1  never run apt-get (fail if packages are missing)
+#   CEPH_DEV_WAIT       seconds `wait-clean` waits (default 120)
 #
 # Files written into DIR (secrets are mode 0600):
 #   ceph.conf                     cluster config (mon_host = v2:127.0.0.1:PORT)
@@ -544,11 +549,114 @@ cmd_env() {
     for v in "${vars[@]}"; do printf 'export %s=%q\n' "${v%%=*}" "${v#*=}"; done
 }
 
+# ---------------------------------------------------------- single daemons --
+
+daemon_name() { # daemon_name TYPE: the one daemon of that type in this cluster
+    case "$1" in
+        mon) echo "mon.$MON_ID" ;;
+        mgr) echo "mgr.$MGR_ID" ;;
+        osd) echo "osd.$OSD_ID" ;;
+        *) die "unknown daemon type '$1' (mon, mgr or osd)" ;;
+    esac
+}
+
+# The epoch in which the OSD last came up (0 if the monitor does not answer).
+osd_up_from() {
+    local s
+    s=$(CT=5 c osd dump -f json 2>/dev/null) || { echo 0; return 0; }
+    python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print(next((o["up_from"] for o in d["osds"] if o["osd"] == int(sys.argv[1])), 0))' "$OSD_ID" <<<"$s"
+}
+
+# The OSD is up in a map newer than epoch $1, i.e. this instance booted, not the one before it
+# (a killed OSD stays "up" until the monitor notices).
+osd_rebooted_since() {
+    local from
+    osd_up_in || return 1
+    from=$(osd_up_from)
+    [[ "$from" -gt "$1" ]]
+}
+
+gone() { ! has_conf_arg "$1"; }
+
+cmd_kill_daemon() { # cmd_kill_daemon SIGNAL TYPE
+    local sig=$1 name pid
+    name=$(daemon_name "$2")
+    [[ -f "$CONF" ]] || die "no cluster config at $CONF"
+    exec 9>>"$DIR/.lock"
+    flock -w 120 9 || die "another ceph-dev.sh is operating on $DIR"
+    if ! pid=$(daemon_pid "$name"); then
+        log "$name is not running"
+        return 0
+    fi
+    if [[ "$sig" == KILL ]]; then
+        kill -KILL "$pid" 2>/dev/null || true
+        wait_until 10 "$name (pid $pid) to die" gone "$pid" ||
+            die "$name (pid $pid) survived SIGKILL"
+    else
+        stop_pids "$name" 10 "$pid"
+    fi
+    log "$name (pid $pid) stopped with SIG$sig"
+}
+
+cmd_start_daemon() { # cmd_start_daemon TYPE
+    local type=$1 name t0 from=0
+    name=$(daemon_name "$type")
+    [[ -f "$CONF" ]] || die "no cluster config at $CONF (run: $0 up $DIR)"
+    t0=$(now)
+    exec 9>>"$DIR/.lock"
+    flock -w 120 9 || die "another ceph-dev.sh is operating on $DIR"
+    if daemon_pid "$name" >/dev/null; then
+        log "$name is already running"
+        return 0
+    fi
+    [[ "$type" == osd ]] && from=$(osd_up_from)
+    start_daemon "$type" "${name#*.}"
+    case "$type" in
+        mon) wait_until 30 "monitor quorum" mon_ok || die "$name did not come up; see $DIR/log/ceph-$name.log" ;;
+        mgr) wait_until 30 "active mgr" mgr_active || die "$name did not come up; see $DIR/log/ceph-$name.log" ;;
+        osd) wait_until 60 "$name to boot" osd_rebooted_since "$from" ||
+            die "$name did not come up; see $DIR/log/ceph-$name.log" ;;
+    esac
+    log "$name up ($(elapsed "$t0")s)"
+}
+
+all_pgs_clean() {
+    local s
+    s=$(CT=5 c pg stat -f json 2>/dev/null) || return 1
+    python3 -c '
+import json, sys
+s = json.load(sys.stdin)["pg_summary"]
+clean = sum(x["num"] for x in s["num_pg_by_state"] if x["name"] == "active+clean")
+sys.exit(0 if s["num_pgs"] > 0 and clean == s["num_pgs"] else 1)' <<<"$s"
+}
+
+cmd_wait_clean() {
+    local t0
+    [[ -f "$CONF" ]] || die "no cluster config at $CONF"
+    t0=$(now)
+    wait_until "${CEPH_DEV_WAIT:-120}" "every PG active+clean" all_pgs_clean ||
+        die "PGs are not all active+clean: $(CT=5 c pg stat 2>&1)"
+    log "all PGs active+clean ($(elapsed "$t0")s)"
+}
+
 # -------------------------------------------------------------------- main --
 
-[[ $# -ge 1 && $# -le 2 ]] || usage
+[[ $# -ge 1 ]] || usage
 CMD=$1
-DIR=${2:-${CEPH_DEV_DIR:-$REPO_ROOT/.dev-cluster}}
+shift
+DAEMON=
+case "$CMD" in
+    kill-daemon | stop-daemon | start-daemon)
+        [[ $# -ge 1 ]] || usage
+        DAEMON=$1
+        shift
+        ;;
+esac
+[[ $# -le 1 ]] || usage
+DIR=${1:-${CEPH_DEV_DIR:-$REPO_ROOT/.dev-cluster}}
 case "$DIR" in /*) ;; *) DIR="$PWD/$DIR" ;; esac
 DIR=${DIR%/}
 [[ -n "$DIR" && "$DIR" != / ]] || die "refusing to use / as cluster dir"
@@ -562,6 +670,10 @@ case "$CMD" in
     down) cmd_down ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    kill-daemon) cmd_kill_daemon KILL "$DAEMON" ;;
+    stop-daemon) cmd_kill_daemon TERM "$DAEMON" ;;
+    start-daemon) cmd_start_daemon "$DAEMON" ;;
+    wait-clean) cmd_wait_clean ;;
     -h | --help | help) usage ;;
     *) usage ;;
 esac

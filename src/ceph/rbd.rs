@@ -1,8 +1,10 @@
 //! Safe, blocking wrappers over librbd: image create/clone/remove/list in a pool, and the
 //! per-image operations (resize, snapshots, metadata, watchers, parent and children).
 
+use super::rados::IoHandle;
 use super::{check, cstr, ffi, owned, CephError, IoCtx, Result};
 use std::ptr;
+use std::sync::Arc;
 
 /// Creation options for `rbd_create4` and `rbd_clone3`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -89,7 +91,7 @@ impl IoCtx {
         let n = cstr("rbd_create4", name)?;
         let o = opts.build("rbd_create4", false)?;
         check("rbd_create4", &self.target(name), unsafe {
-            ffi::rbd_create4(self.raw, n.as_ptr(), size, o.0)
+            self.seen(ffi::rbd_create4(self.raw(), n.as_ptr(), size, o.0))
         })?;
         Ok(())
     }
@@ -127,14 +129,14 @@ impl IoCtx {
         let c = cstr("rbd_clone3", child)?;
         let o = opts.build("rbd_clone3", true)?;
         check("rbd_clone3", &child_io.target(child), unsafe {
-            ffi::rbd_clone3(
-                self.raw,
+            self.seen(ffi::rbd_clone3(
+                self.raw(),
                 p.as_ptr(),
                 s.as_ptr(),
-                child_io.raw,
+                child_io.raw(),
                 c.as_ptr(),
                 o.0,
-            )
+            ))
         })?;
         Ok(())
     }
@@ -142,7 +144,7 @@ impl IoCtx {
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_remove", name)?;
         check("rbd_remove", &self.target(name), unsafe {
-            ffi::rbd_remove(self.raw, n.as_ptr())
+            self.seen(ffi::rbd_remove(self.raw(), n.as_ptr()))
         })?;
         Ok(())
     }
@@ -151,11 +153,12 @@ impl IoCtx {
         let n = cstr("rbd_open", name)?;
         let mut raw = ptr::null_mut();
         check("rbd_open", &self.target(name), unsafe {
-            ffi::rbd_open(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open(self.raw(), n.as_ptr(), &mut raw, ptr::null()))
         })?;
         Ok(Image {
             raw,
             name: self.target(name),
+            io: self.handle(),
         })
     }
 
@@ -164,11 +167,17 @@ impl IoCtx {
         let n = cstr("rbd_open_read_only", name)?;
         let mut raw = ptr::null_mut();
         check("rbd_open_read_only", &self.target(name), unsafe {
-            ffi::rbd_open_read_only(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open_read_only(
+                self.raw(),
+                n.as_ptr(),
+                &mut raw,
+                ptr::null(),
+            ))
         })?;
         Ok(Image {
             raw,
             name: self.target(name),
+            io: self.handle(),
         })
     }
 
@@ -176,11 +185,17 @@ impl IoCtx {
         let n = cstr("rbd_open_by_id", id)?;
         let mut raw = ptr::null_mut();
         check("rbd_open_by_id", &self.target(id), unsafe {
-            ffi::rbd_open_by_id(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open_by_id(
+                self.raw(),
+                n.as_ptr(),
+                &mut raw,
+                ptr::null(),
+            ))
         })?;
         Ok(Image {
             raw,
             name: self.target(id),
+            io: self.handle(),
         })
     }
 
@@ -190,7 +205,7 @@ impl IoCtx {
         loop {
             let mut specs: Vec<ffi::rbd_image_spec_t> = Vec::with_capacity(max);
             let mut n = max;
-            let ret = unsafe { ffi::rbd_list2(self.raw, specs.as_mut_ptr(), &mut n) };
+            let ret = self.seen(unsafe { ffi::rbd_list2(self.raw(), specs.as_mut_ptr(), &mut n) });
             if ret == -libc::ERANGE {
                 max = n.max(max * 2);
                 continue;
@@ -206,7 +221,7 @@ impl IoCtx {
     pub fn trash_move(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_trash_move", name)?;
         check("rbd_trash_move", &self.target(name), unsafe {
-            ffi::rbd_trash_move(self.raw, n.as_ptr(), 0)
+            self.seen(ffi::rbd_trash_move(self.raw(), n.as_ptr(), 0))
         })?;
         Ok(())
     }
@@ -214,7 +229,7 @@ impl IoCtx {
     pub fn trash_remove(&self, id: &str) -> Result<()> {
         let n = cstr("rbd_trash_remove", id)?;
         check("rbd_trash_remove", &self.target(id), unsafe {
-            ffi::rbd_trash_remove(self.raw, n.as_ptr(), true)
+            self.seen(ffi::rbd_trash_remove(self.raw(), n.as_ptr(), true))
         })?;
         Ok(())
     }
@@ -224,7 +239,8 @@ impl IoCtx {
         loop {
             let mut entries: Vec<ffi::rbd_trash_image_info_t> = Vec::with_capacity(max);
             let mut n = max;
-            let ret = unsafe { ffi::rbd_trash_list(self.raw, entries.as_mut_ptr(), &mut n) };
+            let ret =
+                self.seen(unsafe { ffi::rbd_trash_list(self.raw(), entries.as_mut_ptr(), &mut n) });
             if ret == -libc::ERANGE {
                 max = n.max(max * 2);
                 continue;
@@ -247,16 +263,19 @@ impl IoCtx {
     pub fn pool_stat(&self) -> Result<ffi::rados_pool_stat_t> {
         let mut st = ffi::rados_pool_stat_t::default();
         check("rados_ioctx_pool_stat", self.pool(), unsafe {
-            ffi::rados_ioctx_pool_stat(self.raw, &mut st)
+            self.seen(ffi::rados_ioctx_pool_stat(self.raw(), &mut st))
         })?;
         Ok(st)
     }
 }
 
-/// An open image. Closed on drop.
+/// An open image. Closed on drop. Holds its I/O context, and through it the cluster
+/// handle, so an image can never outlive its connection; every call's outcome goes into the
+/// connection's health.
 pub struct Image {
     raw: ffi::rbd_image_t,
     name: String,
+    io: Arc<IoHandle>,
 }
 
 unsafe impl Send for Image {}
@@ -272,7 +291,14 @@ impl Image {
         CephError::new(op, self.name.clone(), ret)
     }
 
+    /// Records a librbd return code in the connection's health and turns it into a `Result`.
     fn check(&self, op: &'static str, ret: i32) -> Result<i32> {
+        self.check_local(op, self.io.seen(ret))
+    }
+
+    /// For getters that librbd answers from the open image's memory: their success says nothing
+    /// about whether the cluster answers, so they leave the health record alone.
+    fn check_local(&self, op: &'static str, ret: i32) -> Result<i32> {
         if ret < 0 {
             Err(self.err(op, ret))
         } else {
@@ -282,7 +308,7 @@ impl Image {
 
     pub fn size(&self) -> Result<u64> {
         let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
-        self.check("rbd_stat", unsafe {
+        self.check_local("rbd_stat", unsafe {
             ffi::rbd_stat(
                 self.raw,
                 &mut info,
@@ -294,7 +320,7 @@ impl Image {
 
     pub fn id(&self) -> Result<String> {
         let mut buf = [0 as libc::c_char; 64];
-        self.check("rbd_get_id", unsafe {
+        self.check_local("rbd_get_id", unsafe {
             ffi::rbd_get_id(self.raw, buf.as_mut_ptr(), buf.len())
         })?;
         Ok(unsafe { owned(buf.as_ptr()) })
@@ -302,7 +328,7 @@ impl Image {
 
     pub fn features(&self) -> Result<u64> {
         let mut f = 0u64;
-        self.check("rbd_get_features", unsafe {
+        self.check_local("rbd_get_features", unsafe {
             ffi::rbd_get_features(self.raw, &mut f)
         })?;
         Ok(f)
@@ -367,7 +393,7 @@ impl Image {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        self.check("rbd_snap_get_timestamp", unsafe {
+        self.check_local("rbd_snap_get_timestamp", unsafe {
             ffi::rbd_snap_get_timestamp(self.raw, snap_id, &mut ts)
         })?;
         Ok((ts.tv_sec, ts.tv_nsec as i32))
@@ -378,6 +404,7 @@ impl Image {
         let mut snap: ffi::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
         let ret = unsafe { ffi::rbd_get_parent(self.raw, &mut img, &mut snap) };
         if ret == -libc::ENOENT {
+            self.io.seen(ret);
             return Ok(None);
         }
         self.check("rbd_get_parent", ret)?;
@@ -441,7 +468,10 @@ impl Image {
                 )
             };
             match ret {
-                r if r == -libc::ENOENT => return Ok(None),
+                r if r == -libc::ENOENT => {
+                    self.io.seen(r);
+                    return Ok(None);
+                }
                 r if r == -libc::ERANGE => {
                     len = n.max(len * 2);
                     continue;
@@ -466,9 +496,12 @@ impl Image {
 
     pub fn metadata_remove(&self, key: &str) -> Result<()> {
         let k = cstr("rbd_metadata_remove", key)?;
-        match unsafe { ffi::rbd_metadata_remove(self.raw, k.as_ptr()) } {
+        match self
+            .io
+            .seen(unsafe { ffi::rbd_metadata_remove(self.raw, k.as_ptr()) })
+        {
             r if r == -libc::ENOENT => Ok(()),
-            r => self.check("rbd_metadata_remove", r).map(|_| ()),
+            r => check("rbd_metadata_remove", &self.name, r).map(|_| ()),
         }
     }
 

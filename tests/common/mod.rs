@@ -79,8 +79,11 @@ impl Cluster {
         self.tool("rados", args)
     }
 
+    /// Runs the `ceph` CLI as client.admin, bounded, and returns stdout.
     pub fn ceph(&self, args: &[&str]) -> String {
-        self.tool("ceph", args)
+        let mut all = vec!["--connect-timeout", "30"];
+        all.extend_from_slice(args);
+        self.tool("ceph", &all)
     }
 
     /// Writes `mib` MiB of real data from the start of an image (so a flatten has work to do).
@@ -305,4 +308,96 @@ pub fn volume_source(volume_id: &str) -> Option<proto::VolumeContentSource> {
             volume_id: volume_id.into(),
         })),
     })
+}
+
+/// A dev cluster of the test's own, for tests that kill or stop daemons (which would break the
+/// shared cluster for every other test). Stopped and removed on drop, even when the test panics.
+pub struct PrivateCluster {
+    pub cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+const CEPH_DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-dev.sh");
+
+impl PrivateCluster {
+    /// Starts a new cluster whose monitor listens on `mon_port` (fixed, so that tests running
+    /// at the same time never race for the same free port).
+    pub fn up(prefix: &str, mon_port: u16) -> PrivateCluster {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut me = PrivateCluster {
+            cluster: Cluster {
+                dir: dir.path().to_path_buf(),
+                fsid: String::new(),
+                key: String::new(),
+            },
+            dir,
+        };
+        let port = mon_port.to_string();
+        me.dev_env(&["up"], &[("CEPH_DEV_MON_PORT", &port)]);
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(me.path().join("cluster-config.json")).unwrap(),
+        )
+        .unwrap();
+        me.cluster.fsid = cfg[0]["clusterID"].as_str().unwrap().to_string();
+        me.cluster.key = read_key(&me.path().join("admin.key"));
+        me
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `ceph-dev.sh ARGS... DIR` and asserts that it succeeded.
+    pub fn dev(&self, args: &[&str]) {
+        self.dev_env(args, &[]);
+    }
+
+    fn dev_env(&self, args: &[&str], env: &[(&str, &str)]) {
+        let out = Command::new("bash")
+            .arg(CEPH_DEV)
+            .args(args)
+            .arg(self.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ceph-dev.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// CSI secrets of the restricted client.csi user (`profile rbd`).
+    pub fn csi_secrets(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("userID".into(), "csi".into()),
+            ("userKey".into(), read_key(&self.path().join("csi.key"))),
+        ])
+    }
+}
+
+fn read_key(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(CEPH_DEV)
+            .arg("down")
+            .arg(self.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl std::ops::Deref for PrivateCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }
