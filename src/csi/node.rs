@@ -97,6 +97,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         let cap = r
             .volume_capability
@@ -154,6 +155,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         let _guard = self.enter(&r.volume_id)?;
         self.driver
@@ -169,6 +171,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         require(&r.target_path, "target_path")?;
         let cap = r
@@ -204,6 +207,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.target_path, "target_path")?;
         let _guard = self.enter(&r.volume_id)?;
         self.driver.unpublish(&r.volume_id, &r.target_path).await?;
@@ -217,6 +221,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.volume_path, "volume_path")?;
         let st = self
             .driver
@@ -262,6 +267,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.volume_path, "volume_path")?;
         if let Some(cap) = &r.volume_capability {
             check_capability(cap)?;
