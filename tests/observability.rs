@@ -13,15 +13,6 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 /// A port nothing listens on right now (the kernel's pick, released at once).
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -113,7 +104,7 @@ fn assert_one_failure(
 
 #[tokio::test]
 async fn a_failed_call_is_logged_once_with_method_code_object_and_duration_and_never_a_key() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller", "--log-format", "json"]);
     let mut cl = d.client().await;
 
@@ -215,7 +206,7 @@ async fn a_failed_call_is_logged_once_with_method_code_object_and_duration_and_n
 
 #[tokio::test]
 async fn a_call_whose_client_stopped_waiting_is_logged_once_as_canceled() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let tmp = tempfile::tempdir().unwrap();
     // Connecting to a cluster that is not there takes the whole mount timeout: long enough.
     let dead = dead_cluster(&c, tmp.path());
@@ -265,7 +256,7 @@ fn dead_cluster(c: &Cluster, dir: &Path) -> Cluster {
 
 #[tokio::test]
 async fn liveness_ignores_ceph_and_readiness_and_healthz_report_it() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let tmp = tempfile::tempdir().unwrap();
     let dead = dead_cluster(&c, tmp.path());
     let port = free_port();
@@ -323,7 +314,7 @@ async fn a_node_plugin_is_ready_only_once_kubelet_has_registered_it() {
     use rook_rbd::csi::registration::proto::{
         registration_client::RegistrationClient, InfoRequest, RegistrationStatus,
     };
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let reg_dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
@@ -386,7 +377,7 @@ async fn a_node_plugin_is_ready_only_once_kubelet_has_registered_it() {
 
 #[tokio::test]
 async fn metrics_carry_every_documented_family_in_prometheus_text() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let d = Driver::start(&c, &["--controller", "--metrics-address", &metrics]);
@@ -447,7 +438,7 @@ async fn metrics_carry_every_documented_family_in_prometheus_text() {
 
 #[tokio::test]
 async fn an_unused_connection_is_closed_after_the_ceph_idle_timeout() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let port = free_port();
     let metrics = format!("127.0.0.1:{port}");
     let d = Driver::start(
