@@ -93,6 +93,10 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     match endpoint {
         Endpoint::Unix(path) => {
+            // grpcio, grpc-java and others send the socket's path as :authority, which stock h2
+            // answers with RST_STREAM; Cargo.toml patches h2 to serve them. No setting or
+            // release of h2, hyper or tonic does it, and a shim would re-parse all HTTP/2
+            // traffic (vendor/README.md).
             let listener = bind_unix(path)?;
             tracing::info!(endpoint = %path.display(), "serving CSI");
             ready();
@@ -161,5 +165,112 @@ mod tests {
         std::fs::write(&file, "x").unwrap();
         assert!(bind_unix(&file).is_err());
         assert!(file.exists());
+    }
+
+    /// Makes one reflection call (list services) with the given `:authority`, frame by frame, so
+    /// the test sends exactly what a stock client sends. Returns the response messages, or the
+    /// HTTP/2 error that refused the call.
+    fn list_services_with_authority(sock: &Path, authority: &str) -> Result<Vec<u8>, String> {
+        use std::io::{Read, Write};
+        fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+            let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+            f.extend([kind, flags]);
+            f.extend(stream.to_be_bytes());
+            f.extend(payload);
+            f
+        }
+        // HPACK "literal without indexing, new name", no Huffman (RFC 7541 section 6.2.2).
+        let mut block = Vec::new();
+        for (name, value) in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (
+                ":path",
+                "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            ),
+            (":authority", authority),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ] {
+            block.push(0);
+            for s in [name, value] {
+                assert!(s.len() < 127, "one-byte HPACK length");
+                block.push(s.len() as u8);
+                block.extend(s.as_bytes());
+            }
+        }
+        // ServerReflectionRequest { list_services: "" }, behind the gRPC message prefix.
+        let message = [0, 0, 0, 0, 2, 0x3a, 0];
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").unwrap();
+        s.write_all(&frame(4, 0, 0, &[])).unwrap();
+        s.write_all(&frame(1, 0x4, 1, &block)).unwrap();
+        s.write_all(&frame(0, 0x1, 1, &message)).unwrap();
+        let mut body = Vec::new();
+        loop {
+            let mut head = [0u8; 9];
+            s.read_exact(&mut head).map_err(|e| format!("read: {e}"))?;
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let (kind, flags) = (head[3], head[4]);
+            let stream = u32::from_be_bytes(head[5..9].try_into().unwrap()) & 0x7fff_ffff;
+            let mut payload = vec![0u8; len];
+            s.read_exact(&mut payload).unwrap();
+            let code = || u32::from_be_bytes(payload[..4].try_into().unwrap());
+            match (kind, stream) {
+                (4, 0) if flags & 0x1 == 0 => s.write_all(&frame(4, 0x1, 0, &[])).unwrap(),
+                (3, 1) => return Err(format!("RST_STREAM, error code {}", code())),
+                (7, _) => return Err(format!("GOAWAY, error code {}", code())),
+                (0, 1) => body.extend(&payload),
+                _ => {}
+            }
+            if stream == 1 && matches!(kind, 0 | 1) && flags & 0x1 != 0 {
+                return Ok(body);
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn unix_socket_serves_the_authorities_stock_clients_send() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("csi.sock");
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::csi::proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .unwrap();
+        let router: DriverRouter = tonic::transport::Server::builder()
+            .layer(crate::metrics::RpcMetricsLayer::new(Default::default()))
+            .add_service(reflection);
+        let listener = bind_unix(&sock).unwrap();
+        let server = tokio::spawn(router.serve_with_incoming(UnixListenerStream::new(listener)));
+        let mut refused = Vec::new();
+        for authority in [
+            // grpc-go (csi-sanity, kubelet, the sidecars) and grpcurl
+            "localhost",
+            // grpc-core 1.57 and later (Python grpcio, C++, Ruby, PHP): the percent-encoded path
+            "tmp%2Frook-rbd%2Fcsi.sock",
+            // grpc-swift: the same with the leading slash
+            "%2Ftmp%2Frook-rbd%2Fcsi.sock",
+            // grpc-java on netty with a DomainSocketAddress, older grpc-go, Bazel: the raw path
+            "/var/lib/kubelet/plugins/rbd.csi.ceph.rook.io/csi.sock",
+            // clients that leave it empty
+            "",
+            // a TCP-style authority through a forwarding proxy
+            "127.0.0.1:10000",
+        ] {
+            let sock = sock.clone();
+            let answer =
+                tokio::task::spawn_blocking(move || list_services_with_authority(&sock, authority))
+                    .await
+                    .unwrap();
+            match answer {
+                Ok(body) if body.windows(15).any(|w| w == b"csi.v1.Identity") => {}
+                Ok(body) => refused.push(format!("{authority:?}: no csi.v1.Identity in {body:?}")),
+                Err(e) => refused.push(format!("{authority:?}: {e}")),
+            }
+        }
+        server.abort();
+        assert!(refused.is_empty(), "refused: {refused:#?}");
     }
 }
