@@ -61,17 +61,26 @@ fn clear_stale_socket(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Binds a Unix socket that is mode 0600 from the moment it exists.
+/// Binds a Unix socket that is mode 0600 from the moment it exists, without touching the
+/// process-wide umask (other threads may be creating files meanwhile).
 pub fn bind_unix(path: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+    use std::os::fd::AsRawFd;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
     clear_stale_socket(path)?;
-    let old = unsafe { libc::umask(0o177) };
-    let res = tokio::net::UnixListener::bind(path);
-    unsafe { libc::umask(old) };
-    let listener = res?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let socket = tokio::net::UnixSocket::new_stream()?;
+    // Linux gives the socket file the mode of the socket's inode, less the umask, so a mode set
+    // on the unbound socket is the file's mode when bind() creates it.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), 0o600) } != 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    socket.bind(path)?;
+    let listener = socket.listen(1024)?;
+    // The umask can only take bits away; give back the owner's if it took them.
+    if std::fs::symlink_metadata(path)?.permissions().mode() & 0o600 != 0o600 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    }
     Ok(listener)
 }
 
@@ -272,5 +281,89 @@ mod tests {
         }
         server.abort();
         assert!(refused.is_empty(), "refused: {refused:#?}");
+    }
+
+    fn umask_now() -> String {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().to_string()
+    }
+
+    #[tokio::test]
+    async fn binding_never_changes_the_process_umask() {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let start = umask_now();
+        let (stop, samples) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let watcher = {
+            let (stop, samples) = (stop.clone(), samples.clone());
+            std::thread::spawn(move || {
+                let mut seen = std::collections::BTreeSet::new();
+                while !stop.load(Ordering::Relaxed) {
+                    seen.insert(umask_now());
+                    samples.fetch_add(1, Ordering::Relaxed);
+                }
+                seen
+            })
+        };
+        // Bind until the watcher has looked many times while binds were going on.
+        let mut binds = 0;
+        while binds < 500 || samples.load(Ordering::Relaxed) < 1000 {
+            let sock = dir.path().join(format!("{binds}.sock"));
+            drop(bind_unix(&sock).unwrap());
+            binds += 1;
+        }
+        stop.store(true, Ordering::Relaxed);
+        let seen = watcher.join().unwrap();
+        assert_eq!(seen, std::collections::BTreeSet::from([start]));
+    }
+
+    /// Run only by `socket_is_0600_under_any_umask`, alone in a child process, since it sets the
+    /// umask, which every thread of a process shares.
+    #[tokio::test]
+    #[ignore = "a child process of socket_is_0600_under_any_umask runs it"]
+    async fn bind_under_umask() {
+        let Ok(umask) = std::env::var("ROOK_RBD_TEST_UMASK") else {
+            eprintln!("ROOK_RBD_TEST_UMASK is not set: this runs only as a child process");
+            return;
+        };
+        unsafe { libc::umask(u32::from_str_radix(&umask, 8).unwrap()) };
+        assert_eq!(umask_now(), format!("{umask:0>4}"));
+        let sock = std::env::var_os("ROOK_RBD_TEST_SOCK").unwrap();
+        let _l = bind_unix(Path::new(&sock)).unwrap();
+    }
+
+    #[test]
+    fn socket_is_0600_under_any_umask() {
+        // 0: nothing masks the mode bind() gives the file, so what we see is the mode it had
+        // from the moment it appeared. 277: the umask takes the owner's bits, which come back.
+        for umask in ["0", "277"] {
+            let dir = tempfile::tempdir().unwrap();
+            let sock = dir.path().join("csi.sock");
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args(["--exact", "csi::server::tests::bind_under_umask"])
+                .args(["--ignored", "--test-threads=1"])
+                .env("ROOK_RBD_TEST_UMASK", umask)
+                .env("ROOK_RBD_TEST_SOCK", &sock)
+                .output()
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && stdout.contains("1 passed"),
+                "child with umask {umask}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let meta = std::fs::symlink_metadata(&sock).unwrap();
+            assert!(meta.file_type().is_socket());
+            assert_eq!(
+                meta.permissions().mode() & 0o7777,
+                0o600,
+                "socket mode under umask {umask}"
+            );
+        }
     }
 }
