@@ -40,24 +40,11 @@ if [[ ! -x $GRPCURL ]]; then
 fi
 
 ROOT=$(mktemp -d /tmp/rook-rbd-interop.XXXXXX)
-mkdir -p "$ROOT/kubelet" "$ROOT/secret" "$ROOT/stubs"
-chmod 700 "$ROOT/secret"
-printf admin >"$ROOT/secret/userID"
-install -m 0600 "$DIR/admin.key" "$ROOT/secret/userKey"
+mkdir "$ROOT/stubs"
 "$VENV/bin/python" -m grpc_tools.protoc -Icsi-spec --python_out="$ROOT/stubs" \
   --grpc_python_out="$ROOT/stubs" csi-spec/csi.proto
-SOCK=$ROOT/csi.sock
-LOG=$ROOT/driver.log
-"$BIN" csi --endpoint "unix://$SOCK" --node-id interop-node \
-  --cluster-config "$DIR/cluster-config.json" --secret-dir "$ROOT/secret" \
-  --kubelet-dir "$ROOT/kubelet" --state-dir "$ROOT/state" >"$LOG" 2>&1 &
-DRIVER=$!
-stop_driver() {
-  kill -TERM "$DRIVER" 2>/dev/null || true
-  wait "$DRIVER" 2>/dev/null || true
-}
-trap 'stop_driver' EXIT
-for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.05; done
+source scripts/test-driver.sh
+start_driver "$ROOT" interop-node
 
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)
 rc=0
