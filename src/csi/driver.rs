@@ -110,7 +110,7 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
             let inflight = crate::volume::guard::InFlight::default();
             volume_ops.push(inflight.clone());
             Some(proto::node_server::NodeServer::new(NodeService {
-                driver: NodeDriver::new(cfg)?,
+                driver: Arc::new(NodeDriver::new(cfg)?),
                 node_id: opts.node_id.clone().unwrap_or_default(),
                 clusters: clusters.clone(),
                 default_creds: creds.clone(),
