@@ -211,6 +211,8 @@ struct Env {
     /// Node registrations (RADOS objects) to remove.
     nodes: Vec<String>,
     publish_ctx: HashMap<String, HashMap<String, String>>,
+    /// The driver's --key-dir, removed with the test (a killed driver cannot remove it).
+    key_root: PathBuf,
 }
 
 impl Env {
@@ -221,7 +223,12 @@ impl Env {
     /// A driver whose process gets extra environment (a test's tool wrappers first in PATH).
     async fn start_with_env(c: Cluster, env: &[(&str, &str)]) -> Env {
         let node = unique("node");
-        let d = Driver::start_with_env(&c, &["--node-id", &node], env);
+        let key_root = PathBuf::from(format!("/dev/shm/rook-rbd-test-{node}"));
+        let d = Driver::start_with_env(
+            &c,
+            &["--node-id", &node, "--key-dir", key_root.to_str().unwrap()],
+            env,
+        );
         let cl = d.client().await;
         let env = Env {
             c,
@@ -231,6 +238,7 @@ impl Env {
             volumes: vec![],
             nodes: vec![node],
             publish_ctx: HashMap::new(),
+            key_root,
         };
         env.wait_registered().await;
         env
@@ -425,6 +433,17 @@ impl Env {
         }
     }
 
+    /// Key files in the driver's key dir; each lives only while a mapper tool reads it.
+    fn key_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.key_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|f| f.path())
+            .collect()
+    }
+
     /// State files of staged volumes in the driver's state dir.
     fn staged_records(&self) -> usize {
         std::fs::read_dir(self.d.path("state/staged"))
@@ -567,6 +586,7 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Best effort, for a test that failed half-way; a passing test has already left nothing.
         self.d.kill9();
+        let _ = std::fs::remove_dir_all(&self.key_root);
         let root = self.root();
         let fuse_root = root.join("state").join("fuse");
         let mut points = mounts_under(&root);
@@ -1292,6 +1312,7 @@ async fn a_stage_retried_while_its_slow_mkfs_runs_is_aborted_until_the_first_fin
     std::fs::remove_file(&copy).unwrap();
     env.finish(&v).await;
     assert_nothing_left(&env.root());
+    assert_eq!(env.key_files(), Vec::<PathBuf>::new(), "key files left");
 }
 
 /// rbd-fuse hangs (SIGSTOP) while the staged filesystem holds dirty data: unstage must not
@@ -1350,4 +1371,5 @@ async fn unstage_against_a_hung_rbd_fuse_keeps_the_volume_staged_until_its_data_
     env.unstage(&v.volume_id, &staging, SLOW).await.unwrap();
     env.finish(&v).await;
     assert_nothing_left(&env.root());
+    assert_eq!(env.key_files(), Vec::<PathBuf>::new(), "key files left");
 }

@@ -148,9 +148,11 @@ pub struct KeyFile {
 }
 
 impl KeyFile {
-    /// Creates the file exclusively with mode 0600 in `dir` (a [`KeyDir`]).
+    /// Creates the file exclusively with mode 0600 in `dir` (a [`KeyDir`]; made again if
+    /// something cleaned it away since the start).
     pub fn create(dir: &Path, key: &Secret) -> Result<Self, NodeError> {
         static COUNTER: AtomicU64 = AtomicU64::new(0);
+        ensure_own_private_dir(dir)?;
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
