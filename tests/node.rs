@@ -59,6 +59,24 @@ fn io_within<T: Send + 'static>(
         .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
 }
 
+/// A request carrying a gRPC deadline, as kubelet sends it.
+fn with_deadline<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(deadline);
+    req
+}
+
+/// Awaits a call sent [`with_deadline`]; a little past the deadline the client gives up.
+async fn given_up_after<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<(), Status> {
+    match tokio::time::timeout(deadline + Duration::from_secs(5), call).await {
+        Ok(r) => r.map(drop),
+        Err(_) => Err(Status::deadline_exceeded("the client gave up")),
+    }
+}
+
 /// Pseudo-random bytes (xorshift64*), seeded from the clock and pid: different every run.
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut s = std::time::SystemTime::now()
@@ -395,18 +413,9 @@ impl Env {
         staging: &Path,
         deadline: Duration,
     ) -> Result<(), Status> {
-        let mut req = tonic::Request::new(self.stage_req(v, cap, staging.to_str().unwrap()));
-        req.set_timeout(deadline);
+        let req = with_deadline(self.stage_req(v, cap, staging.to_str().unwrap()), deadline);
         let mut node = self.cl.node.clone();
-        match tokio::time::timeout(
-            deadline + Duration::from_secs(5),
-            node.node_stage_volume(req),
-        )
-        .await
-        {
-            Ok(r) => r.map(drop),
-            Err(_) => Err(Status::deadline_exceeded("the client gave up")),
-        }
+        given_up_after(deadline, node.node_stage_volume(req)).await
     }
 
     /// NodeUnstageVolume with a deadline, after which the client gives up.
@@ -416,21 +425,16 @@ impl Env {
         staging: &Path,
         deadline: Duration,
     ) -> Result<(), Status> {
-        let mut req = tonic::Request::new(proto::NodeUnstageVolumeRequest {
+        let req = proto::NodeUnstageVolumeRequest {
             volume_id: volume_id.into(),
             staging_target_path: staging.to_str().unwrap().into(),
-        });
-        req.set_timeout(deadline);
+        };
         let mut node = self.cl.node.clone();
-        match tokio::time::timeout(
-            deadline + Duration::from_secs(5),
-            node.node_unstage_volume(req),
+        given_up_after(
+            deadline,
+            node.node_unstage_volume(with_deadline(req, deadline)),
         )
         .await
-        {
-            Ok(r) => r.map(drop),
-            Err(_) => Err(Status::deadline_exceeded("the client gave up")),
-        }
     }
 
     /// Key files in the driver's key dir; each lives only while a mapper tool reads it.
