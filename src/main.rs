@@ -97,6 +97,11 @@ struct CsiArgs {
     /// Node state (staging records, fuse mountpoints). Default: <kubelet-dir>/plugins/<driver-name>/state.
     #[arg(long, env = "STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// A tmpfs or ramfs directory for the key files the mappers read, so keys never touch
+    /// the disk. Default: /run/rook-rbd, else /dev/shm/rook-rbd (the state dir, with a
+    /// warning, when neither is memory-backed).
+    #[arg(long, env = "KEY_DIR")]
+    key_dir: Option<PathBuf>,
     /// Serve Prometheus metrics and /healthz on this address, e.g. :8080.
     #[arg(long, env = "METRICS_ADDRESS")]
     metrics_address: Option<String>,
@@ -180,6 +185,7 @@ fn main() -> std::process::ExitCode {
                     kubelet_dir: a.kubelet_dir,
                     extra_roots: a.allowed_roots,
                     state_dir: a.state_dir,
+                    key_dir: a.key_dir,
                     timeouts: CephTimeouts {
                         osd_op: Duration::from_secs(a.rados_osd_op_timeout),
                         mon_op: Duration::from_secs(a.rados_mon_op_timeout),

@@ -1,21 +1,27 @@
 //! CSI Node: protobuf in, `node::NodeDriver` calls, protobuf out. The image and cluster come from
 //! the volume ID; credentials from the stage secrets (or --secret-dir); the mapper, mkfs and map
 //! options from the volume context CreateVolume returned.
+//!
+//! Each operation on a volume runs in a task of its own that holds the volume's key until its
+//! work is over (kubelet's deadline drops only the handler); a retry meanwhile gets `Aborted`.
 
 use super::controller::check_capability;
 use super::proto::{self, node_server, node_service_capability as nsc, volume_capability};
 use super::require;
+use crate::node::step::{answerable, first_answer};
 use crate::node::{
     AccessType, MapRequest, MapperChoice, NodeDriver, NodeError, PublishRequest, StageRequest,
     VolumeAccess, VolumeUsage,
 };
-use crate::volume::{ClusterConfig, Credentials, InFlight, VolumeId};
+use crate::volume::{ClusterConfig, Credentials, InFlight, RunError, VolumeId};
 use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use volume_capability::access_mode::Mode;
 
 pub struct NodeService {
-    pub driver: NodeDriver,
+    pub driver: Arc<NodeDriver>,
     pub node_id: String,
     pub clusters: ClusterConfig,
     pub default_creds: Option<Credentials>,
@@ -69,23 +75,41 @@ impl NodeService {
         Ok(Credentials::from_secrets(secrets)?)
     }
 
-    fn enter(&self, id: &str) -> Result<crate::volume::InFlightGuard, Status> {
-        self.inflight.try_enter(id).ok_or_else(|| {
-            Status::aborted(format!(
+    /// Runs `work` under the volume's key in a task of its own; answers with its outcome, or
+    /// with DeadlineExceeded as soon as one of its steps overruns (the work goes on).
+    async fn run<T, W>(&self, id: &str, work: W) -> Result<T, Status>
+    where
+        W: Future<Output = Result<T, NodeError>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (work, early) = answerable(work);
+        match first_answer(self.inflight.run(id, work), early).await {
+            Err(overrun) => Err(overrun.into()),
+            Ok(Err(RunError::Busy(_))) => Err(Status::aborted(format!(
                 "an operation on volume {id} is already in progress on this node"
-            ))
-        })
+            ))),
+            Ok(Err(lost)) => Err(crate::volume::Error::from(lost).into()),
+            Ok(Ok(done)) => done.map_err(Status::from),
+        }
+    }
+
+    /// The monitors of the volume's cluster, or none when that is unknown here.
+    fn monitors_of(&self, id: &str) -> Vec<String> {
+        VolumeId::decode(id)
+            .ok()
+            .and_then(|v| self.clusters.get(&v.cluster_id).map(|c| c.monitors.clone()))
+            .unwrap_or_default()
     }
 }
 
 /// For questions about a volume at a path (stats, expand), a path that cannot hold one of our
 /// volumes simply means the volume is not there.
-fn not_here(e: NodeError, volume_id: &str, path: &str) -> Status {
+fn not_here(e: NodeError, volume_id: &str, path: &str) -> NodeError {
     match e {
         NodeError::InvalidPath { .. } => {
-            Status::not_found(format!("volume {volume_id} is not at {path:?}"))
+            NodeError::NotFound(format!("volume {volume_id} is not at {path:?}"))
         }
-        e => e.into(),
+        e => e,
     }
 }
 
@@ -124,25 +148,25 @@ impl node_server::Node for NodeService {
             .get(&vol.cluster_id)
             .map(|c| c.monitors.clone())
             .unwrap_or_default();
-        let _guard = self.enter(&r.volume_id)?;
-        self.driver
-            .stage(StageRequest {
-                volume_id: r.volume_id.clone(),
-                staging_path: r.staging_target_path,
-                access: access_kind,
+        let req = StageRequest {
+            volume_id: r.volume_id.clone(),
+            staging_path: r.staging_target_path,
+            access: access_kind,
+            read_only,
+            map: MapRequest {
+                pool: vol.pool,
+                namespace: None,
+                image: vol.image,
+                monitors,
+                user: creds.user,
+                key: creds.key,
+                map_options: ctx.get("mapOptions").cloned().filter(|s| !s.is_empty()),
                 read_only,
-                map: MapRequest {
-                    pool: vol.pool,
-                    namespace: None,
-                    image: vol.image,
-                    monitors,
-                    user: creds.user,
-                    key: creds.key,
-                    map_options: ctx.get("mapOptions").cloned().filter(|s| !s.is_empty()),
-                    read_only,
-                },
-                mapper,
-            })
+            },
+            mapper,
+        };
+        let driver = self.driver.clone();
+        self.run(&r.volume_id, async move { driver.stage(req).await })
             .await?;
         tracing::info!(volume.id = %r.volume_id, "volume staged");
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
@@ -155,10 +179,23 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
         require(&r.staging_target_path, "staging_target_path")?;
-        let _guard = self.enter(&r.volume_id)?;
-        self.driver
-            .unstage(&r.volume_id, &r.staging_target_path)
-            .await?;
+        let driver = self.driver.clone();
+        let (id, staging) = (r.volume_id.clone(), r.staging_target_path);
+        let done = self
+            .run(
+                &r.volume_id,
+                async move { driver.unstage(&id, &staging).await },
+            )
+            .await;
+        if let Err(e) = &done {
+            if e.code() == tonic::Code::Aborted {
+                let monitors = self.monitors_of(&r.volume_id);
+                self.driver
+                    .unstage_asked_again(&r.volume_id, &monitors)
+                    .await;
+            }
+        }
+        done?;
         tracing::info!(volume.id = %r.volume_id, "volume unstaged");
         Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
     }
@@ -179,20 +216,20 @@ impl node_server::Node for NodeService {
             Some(volume_capability::AccessType::Mount(m)) => m.mount_flags.clone(),
             _ => vec![],
         };
-        let _guard = self.enter(&r.volume_id)?;
-        self.driver
-            .publish(PublishRequest {
-                volume_id: r.volume_id.clone(),
-                staging_path: r.staging_target_path,
-                target_path: r.target_path,
-                access: if access.block {
-                    AccessType::Block
-                } else {
-                    AccessType::Mount
-                },
-                read_only: r.readonly || reader_only(&cap),
-                mount_flags,
-            })
+        let req = PublishRequest {
+            volume_id: r.volume_id.clone(),
+            staging_path: r.staging_target_path,
+            target_path: r.target_path,
+            access: if access.block {
+                AccessType::Block
+            } else {
+                AccessType::Mount
+            },
+            read_only: r.readonly || reader_only(&cap),
+            mount_flags,
+        };
+        let driver = self.driver.clone();
+        self.run(&r.volume_id, async move { driver.publish(req).await })
             .await?;
         tracing::info!(volume.id = %r.volume_id, "volume published");
         Ok(Response::new(proto::NodePublishVolumeResponse {}))
@@ -205,8 +242,13 @@ impl node_server::Node for NodeService {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
         require(&r.target_path, "target_path")?;
-        let _guard = self.enter(&r.volume_id)?;
-        self.driver.unpublish(&r.volume_id, &r.target_path).await?;
+        let driver = self.driver.clone();
+        let (id, target) = (r.volume_id.clone(), r.target_path);
+        self.run(
+            &r.volume_id,
+            async move { driver.unpublish(&id, &target).await },
+        )
+        .await?;
         tracing::info!(volume.id = %r.volume_id, "volume unpublished");
         Ok(Response::new(proto::NodeUnpublishVolumeResponse {}))
     }
@@ -222,7 +264,7 @@ impl node_server::Node for NodeService {
             .driver
             .stats(&r.volume_id, &r.volume_path)
             .await
-            .map_err(|e| not_here(e, &r.volume_id, &r.volume_path))?;
+            .map_err(|e| Status::from(not_here(e, &r.volume_id, &r.volume_path)))?;
         use proto::volume_usage::Unit;
         let usage = match st.usage {
             VolumeUsage::Filesystem(f) => vec![
@@ -266,12 +308,16 @@ impl node_server::Node for NodeService {
         if let Some(cap) = &r.volume_capability {
             check_capability(cap)?;
         }
-        let _guard = self.enter(&r.volume_id)?;
+        let driver = self.driver.clone();
+        let (id, path) = (r.volume_id.clone(), r.volume_path.clone());
         let bytes = self
-            .driver
-            .expand(&r.volume_id, &r.volume_path)
-            .await
-            .map_err(|e| not_here(e, &r.volume_id, &r.volume_path))?;
+            .run(&r.volume_id, async move {
+                driver
+                    .expand(&id, &path)
+                    .await
+                    .map_err(|e| not_here(e, &id, &path))
+            })
+            .await?;
         tracing::info!(volume.id = %r.volume_id, bytes, "volume expanded on the node");
         Ok(Response::new(proto::NodeExpandVolumeResponse {
             capacity_bytes: bytes as i64,

@@ -19,6 +19,9 @@ pub struct CommandSpec {
     /// Start the child in its own process group, so a daemon it leaves behind (rbd-fuse, rbd-nbd)
     /// does not share our group's signals and outlives the plugin.
     pub own_process_group: bool,
+    /// Never kill it (mkfs, fsck, resize, umount): past the deadline the caller is answered
+    /// and the command is still awaited, see [`crate::node::step::to_end`].
+    pub must_finish: bool,
 }
 
 impl CommandSpec {
@@ -28,6 +31,7 @@ impl CommandSpec {
             args: Vec::new(),
             env: Vec::new(),
             own_process_group: false,
+            must_finish: false,
         }
     }
 
@@ -52,6 +56,12 @@ impl CommandSpec {
 
     pub fn detached(mut self) -> Self {
         self.own_process_group = true;
+        self
+    }
+
+    /// Marks a command that must never be killed half-way.
+    pub fn to_end(mut self) -> Self {
+        self.must_finish = true;
         self
     }
 }
@@ -84,14 +94,16 @@ impl CommandOutput {
 }
 
 /// Runs `spec` to completion within `timeout`; a non-zero exit is *not* an error here.
-/// The child is killed if the deadline passes (or the future is dropped).
+/// The child is killed if the deadline passes (or the future is dropped), unless it
+/// [must finish](CommandSpec::to_end): then it is awaited to its end and, if dropped, left to
+/// finish on its own.
 pub async fn run(spec: &CommandSpec, timeout: Duration) -> Result<CommandOutput, NodeError> {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(!spec.must_finish);
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
@@ -103,16 +115,25 @@ pub async fn run(spec: &CommandSpec, timeout: Duration) -> Result<CommandOutput,
         program: spec.program.clone(),
         source,
     })?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => Err(NodeError::CommandTimeout {
-            program: spec.program.clone(),
-            after: timeout,
-        }),
-        Ok(Err(source)) => Err(NodeError::CommandSpawn {
+    let done = if spec.must_finish {
+        super::step::to_end(&spec.program, timeout, child.wait_with_output()).await
+    } else {
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(done) => done,
+            Err(_) => {
+                return Err(NodeError::CommandTimeout {
+                    program: spec.program.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    };
+    match done {
+        Err(source) => Err(NodeError::CommandSpawn {
             program: spec.program.clone(),
             source,
         }),
-        Ok(Ok(out)) => Ok(CommandOutput {
+        Ok(out) => Ok(CommandOutput {
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -160,6 +181,28 @@ mod tests {
             msg.contains("sh") && msg.contains("boom") && msg.contains('3'),
             "{msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_command_that_must_finish_outlives_its_deadline_and_a_dropped_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        let spec = CommandSpec::new("sh")
+            .args(["-c", &format!("sleep 0.3; echo ok > {}", done.display())])
+            .to_end();
+        // The caller gives up (a dropped RPC) long before the command is over.
+        let call = run(&spec, Duration::from_secs(5));
+        assert!(tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(done.exists(), "the command was killed with its caller");
+
+        let spec = CommandSpec::new("sh")
+            .args(["-c", "sleep 0.2; echo finished"])
+            .to_end();
+        let out = run(&spec, Duration::from_millis(20)).await.unwrap();
+        assert_eq!(out.stdout.trim(), "finished");
     }
 
     #[tokio::test]

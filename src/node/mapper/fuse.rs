@@ -10,16 +10,20 @@
 //! that returns every access to the mount point blocks, so all waits here are bounded.
 //! The daemon is deliberately not tied to the plugin: published mounts outlive a plugin restart.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping};
+use nix::sys::signal::Signal;
+
+use super::{kill_all, ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping};
 use crate::node::command::{self, CommandSpec};
 use crate::node::mount::MountTable;
 use crate::node::state::ensure_private_dir;
-use crate::node::{blocking, NodeError};
+use crate::node::{blocking, step, NodeError};
 
 /// The fuse type rbd-fuse mounts show in mountinfo.
 pub const FUSE_FS_TYPE: &str = "fuse.rbd-fuse";
@@ -27,8 +31,9 @@ pub const FUSE_FS_TYPE: &str = "fuse.rbd-fuse";
 #[derive(Debug)]
 pub struct FuseMapper {
     config: MapperConfig,
-    /// Serialises map and unmap: they inspect and change shared state (mounts, loop devices).
-    lock: tokio::sync::Mutex<()>,
+    /// Serialises map, unmap and find of one image (they inspect and change its mount and loop
+    /// devices). Per image: an unmap waiting on a cluster that is gone holds up no other volume.
+    locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The rbd-fuse command line; the key only travels as a key file path inside `CEPH_ARGS`.
@@ -69,8 +74,19 @@ impl FuseMapper {
     pub fn new(config: MapperConfig) -> Self {
         Self {
             config,
-            lock: tokio::sync::Mutex::new(()),
+            locks: Default::default(),
         }
+    }
+
+    async fn lock(&self, mountpoint: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap()
+            .entry(mountpoint.to_path_buf())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     pub fn fuse_root(&self) -> PathBuf {
@@ -164,11 +180,11 @@ impl FuseMapper {
     ) -> Result<(), NodeError> {
         ensure_private_dir(&self.fuse_root())?;
         ensure_private_dir(mountpoint)?;
-        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
         let spec = fuse_command(req, keyfile.path(), mountpoint)?;
         tracing::info!(command = %spec, "starting rbd-fuse");
         if let Err(e) = command::run_ok(&spec, self.config.command_timeout).await {
-            self.teardown(mountpoint).await;
+            self.discard(mountpoint).await;
             return Err(e);
         }
         // The daemon reads the key file while it connects, so it may only go once the image shows.
@@ -177,7 +193,7 @@ impl FuseMapper {
             .await;
         drop(keyfile);
         if !connected {
-            self.teardown(mountpoint).await;
+            self.discard(mountpoint).await;
             return Err(NodeError::Unavailable(format!(
                 "rbd-fuse did not expose {}/{} within {:?} (cluster unreachable, wrong credentials, or no such image)",
                 req.pool, req.image, self.config.fuse_connect_timeout
@@ -204,10 +220,41 @@ impl FuseMapper {
             }))
     }
 
-    /// Detaches loop devices over `mountpoint`, unmounts it (bounded), stops its rbd-fuse and
-    /// removes the directory. Best effort: problems are logged, the caller decides on errors by
-    /// checking what is left.
-    async fn teardown(&self, mountpoint: &Path) {
+    /// Detaches the loop devices over `mountpoint`, unmounts it and waits for its rbd-fuse to
+    /// exit, each step to its end: until rbd-fuse has closed the image it may hold writes for
+    /// the cluster, and killing it or detaching the mount lazily would drop them.
+    async fn teardown(&self, mountpoint: &Path) -> Result<(), NodeError> {
+        let t = self.config.unmount_timeout;
+        for dev in loop_devices_backed_by(mountpoint) {
+            let spec = CommandSpec::new("losetup")
+                .arg("-d")
+                .arg(dev.to_string_lossy())
+                .to_end();
+            command::run_ok(&spec, t).await?;
+        }
+        let pids = fuse_pids(mountpoint);
+        if MountTable::load()?.is_mountpoint(mountpoint) {
+            // In a child rather than a thread: it can block for as long as rbd-fuse cannot
+            // reach its cluster.
+            let spec = CommandSpec::new("umount")
+                .arg(mountpoint.to_string_lossy())
+                .to_end();
+            command::run_ok(&spec, t).await?;
+        }
+        // Unmounted, rbd-fuse closes the image (flushing librbd's cache) and exits.
+        step::to_end("rbd-fuse exit", t, async {
+            while pids.iter().any(|p| pid_alive(*p)) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let _ = std::fs::remove_dir(mountpoint);
+        Ok(())
+    }
+
+    /// Removes a mount no one has written through (a map that failed half-way, a mount left
+    /// without its loop device): bounded, forcing (SIGKILL, lazy unmount) what does not go.
+    async fn discard(&self, mountpoint: &Path) {
         let t = self.config.command_timeout;
         for dev in loop_devices_backed_by(mountpoint) {
             let spec = CommandSpec::new("losetup")
@@ -222,18 +269,10 @@ impl FuseMapper {
             .map(|tb| tb.is_mountpoint(mountpoint))
             .unwrap_or(true);
         if mounted {
-            // umount runs in a child: against an rbd-fuse that lost its cluster it can block
-            // forever, and a child can be abandoned where a thread could not.
             let spec = CommandSpec::new("umount").arg(mountpoint.to_string_lossy());
-            let clean = match command::run_ok(&spec, self.config.unmount_timeout).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of rbd-fuse failed; forcing");
-                    false
-                }
-            };
-            if !clean {
-                kill_all(&pids, libc::SIGKILL);
+            if let Err(e) = command::run_ok(&spec, self.config.unmount_timeout).await {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of an unused rbd-fuse failed; forcing");
+                kill_all(&pids, Signal::SIGKILL);
                 let lazy = CommandSpec::new("umount")
                     .arg("-l")
                     .arg(mountpoint.to_string_lossy());
@@ -242,12 +281,11 @@ impl FuseMapper {
                 }
             }
         }
-        // After a clean unmount rbd-fuse exits by itself; give it a moment, then insist.
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        kill_all(&fuse_pids(mountpoint), libc::SIGKILL);
+        kill_all(&fuse_pids(mountpoint), Signal::SIGKILL);
         let _ = std::fs::remove_dir(mountpoint);
     }
 }
@@ -263,19 +301,19 @@ impl Mapper for FuseMapper {
                 "rbd-fuse does not support RADOS namespaces; use krbd or nbd".into(),
             ));
         }
-        let _guard = self.lock.lock().await;
         let image = ImageRef::from(req);
+        let mp = self.mountpoint_for(&image);
+        let _guard = self.lock(&mp).await;
         if let Some(m) = self.find_unlocked(&image).await? {
             return Ok(m);
         }
-        let mp = self.mountpoint_for(&image);
         let file = mp.join(&req.image);
         let mounted = is_fuse_mount(&MountTable::load()?, &mp);
         // A mount left from before (no loop device yet): reuse it if it still serves the image.
         let reusable = mounted && self.wait_for_image(&file, Duration::from_secs(2)).await;
         if !reusable {
             if mounted {
-                self.teardown(&mp).await;
+                self.discard(&mp).await;
             }
             self.start_fuse(req, &mp, &file).await?;
         }
@@ -287,7 +325,7 @@ impl Mapper for FuseMapper {
         {
             Ok(o) => o,
             Err(e) => {
-                self.teardown(&mp).await;
+                self.discard(&mp).await;
                 return Err(e);
             }
         };
@@ -302,13 +340,13 @@ impl Mapper for FuseMapper {
     }
 
     async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError> {
-        let _guard = self.lock.lock().await;
         let Some(mp) = &mapping.fuse_mountpoint else {
             return Err(NodeError::InvalidArgument(
                 "fuse mapping without a mount point".into(),
             ));
         };
-        self.teardown(mp).await;
+        let _guard = self.lock(mp).await;
+        self.teardown(mp).await?;
         let left_mounted = MountTable::load()?.is_mountpoint(mp);
         let left_pids = fuse_pids(mp);
         let left_loops = loop_devices_backed_by(mp);
@@ -322,8 +360,20 @@ impl Mapper for FuseMapper {
     }
 
     async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock(&self.mountpoint_for(image)).await;
         self.find_unlocked(image).await
+    }
+
+    /// Kills rbd-fuse: the kernel aborts its FUSE connection, and everything waiting on it
+    /// fails. Not under the lock: an unmap holding it may be the very thing that waits.
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        let Some(mp) = &mapping.fuse_mountpoint else {
+            return Err(NodeError::InvalidArgument(
+                "fuse mapping without a mount point".into(),
+            ));
+        };
+        kill_all(&fuse_pids(mp), Signal::SIGKILL);
+        Ok(())
     }
 }
 
@@ -396,18 +446,6 @@ fn pid_alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
 
-fn kill_all(pids: &[u32], signal: libc::c_int) {
-    for &pid in pids {
-        // SAFETY: kill(2) with a pid found by its rbd-fuse command line.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-        if rc != 0 {
-            tracing::debug!(pid, "kill: {}", std::io::Error::last_os_error());
-        } else {
-            tracing::warn!(pid, signal, "killed rbd-fuse");
-        }
-    }
-}
-
 /// The loop device's current size, from sysfs (512-byte sectors).
 fn loop_size_bytes(device: &Path) -> Option<u64> {
     let name = device.file_name()?.to_str()?;
@@ -467,6 +505,7 @@ mod tests {
     fn mountpoints_are_stable_per_image_and_distinct() {
         let m = FuseMapper::new(MapperConfig {
             state_dir: "/s".into(),
+            key_dir: "/k".into(),
             command_timeout: Duration::from_secs(1),
             fuse_connect_timeout: Duration::from_secs(1),
             unmount_timeout: Duration::from_secs(1),

@@ -49,6 +49,13 @@ pub fn unmap_command(device: &Path) -> CommandSpec {
         .arg(device.to_string_lossy())
 }
 
+/// `rbd device unmap -o force`: fails the I/O still queued on the device.
+pub fn force_unmap_command(device: &Path) -> CommandSpec {
+    CommandSpec::new("rbd")
+        .args(["-c", "/dev/null", "device", "unmap", "-o", "force"])
+        .arg(device.to_string_lossy())
+}
+
 /// One entry of `rbd device list --format json` (krbd) or `rbd-nbd list-mapped --format json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct MappedDevice {
@@ -114,7 +121,7 @@ impl Mapper for KrbdMapper {
         if let Some(m) = self.find(&req.into()).await? {
             return Ok(m);
         }
-        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
         let spec = map_command(req, keyfile.path());
         let out = command::run_ok(&spec, self.config.command_timeout).await?;
         drop(keyfile);
@@ -131,6 +138,13 @@ impl Mapper for KrbdMapper {
             return Ok(());
         }
         command::run_ok(&unmap_command(&mapping.device), self.config.command_timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        let spec = force_unmap_command(&mapping.device);
+        command::run_ok(&spec, self.config.command_timeout)
             .await
             .map(drop)
     }
@@ -224,6 +238,18 @@ mod tests {
         assert_eq!(
             unmap_command(Path::new("/dev/rbd0")).args,
             ["-c", "/dev/null", "device", "unmap", "/dev/rbd0"]
+        );
+        assert_eq!(
+            force_unmap_command(Path::new("/dev/rbd0")).args,
+            [
+                "-c",
+                "/dev/null",
+                "device",
+                "unmap",
+                "-o",
+                "force",
+                "/dev/rbd0"
+            ]
         );
         assert_eq!(
             list_command().args[2..],

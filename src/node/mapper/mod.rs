@@ -2,18 +2,17 @@
 //! device, chosen per volume by the StorageClass parameter `mounter`.
 //!
 //! Credentials reach the tools only through a [`KeyFile`] (mode 0600, created exclusively in a 0700
-//! directory, deleted right after use) and `--keyfile`; never through argv or logs.
+//! memory-backed directory, deleted right after use) and `--keyfile`; never through argv or logs.
 
 pub mod auto;
 pub mod fuse;
+pub mod keyfile;
 pub mod krbd;
 pub mod nbd;
 
 use std::fmt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +22,7 @@ use crate::secret::Secret;
 
 pub use auto::AutoProbe;
 pub use fuse::FuseMapper;
+pub use keyfile::{KeyDir, KeyFile};
 pub use krbd::KrbdMapper;
 pub use nbd::NbdMapper;
 
@@ -167,13 +167,18 @@ pub trait Mapper {
     async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError>;
     /// The existing mapping of the image, if any (after a repeated stage or a plugin restart).
     async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError>;
+    /// Breaks the I/O path of a mapping whose cluster is gone, so that what waits on it (an
+    /// unmount flushing dirty pages) fails instead of waiting forever. Loses unwritten data.
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError>;
 }
 
 /// Settings shared by all mappers.
 #[derive(Debug, Clone)]
 pub struct MapperConfig {
-    /// Root of the plugin's private state (key files, fuse mount points).
+    /// Root of the plugin's private state (fuse mount points).
     pub state_dir: PathBuf,
+    /// Where key files are written for the tools: memory-backed, see [`KeyDir`].
+    pub key_dir: PathBuf,
     pub command_timeout: Duration,
     /// How long rbd-fuse may take to connect and expose the image.
     pub fuse_connect_timeout: Duration,
@@ -237,6 +242,14 @@ impl Mappers {
         }
     }
 
+    pub async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        match mapping.mapper {
+            MapperKind::Krbd => self.krbd.force(mapping).await,
+            MapperKind::Nbd => self.nbd.force(mapping).await,
+            MapperKind::Fuse => self.fuse.force(mapping).await,
+        }
+    }
+
     /// Whether the mapping still serves its device; the reason when it does not.
     pub fn health(&self, mapping: &Mapping) -> Result<(), String> {
         if !mapping.device.exists() {
@@ -249,53 +262,13 @@ impl Mappers {
     }
 }
 
-/// A cephx key in a 0600 file, removed on drop.
-#[derive(Debug)]
-pub struct KeyFile {
-    path: PathBuf,
-}
-
-impl KeyFile {
-    /// Creates the file exclusively with mode 0600 inside `<state_dir>/keys` (mode 0700).
-    pub fn create(state_dir: &Path, key: &Secret) -> Result<Self, NodeError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = state_dir.join("keys");
-        super::state::ensure_private_dir(&dir)?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "{}-{}-{nanos}.key",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| NodeError::io("creating key file", &path, e))?;
-        let kf = KeyFile { path };
-        use std::io::Write;
-        f.write_all(key.expose().as_bytes())
-            .and_then(|_| f.write_all(b"\n"))
-            .map_err(|e| NodeError::io("writing key file", &kf.path, e))?;
-        Ok(kf)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for KeyFile {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::error!(path = %self.path.display(), error = %e, "could not remove key file");
-            }
+/// Sends `signal` to each of `pids` (daemons found by their command line or recorded at map).
+pub(crate) fn kill_all(pids: &[u32], signal: nix::sys::signal::Signal) {
+    use nix::unistd::Pid;
+    for &pid in pids {
+        match nix::sys::signal::kill(Pid::from_raw(pid as i32), signal) {
+            Ok(()) => tracing::warn!(pid, %signal, "signalled mapper daemon"),
+            Err(e) => tracing::debug!(pid, "kill: {e}"),
         }
     }
 }
@@ -332,7 +305,6 @@ pub(crate) fn sample_request() -> MapRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn mounter_parameter_accepts_ceph_csi_spellings() {
@@ -350,21 +322,6 @@ mod tests {
             assert_eq!(s.parse::<MapperChoice>().unwrap(), want, "{s}");
         }
         assert!("iscsi".parse::<MapperChoice>().is_err());
-    }
-
-    #[test]
-    fn key_file_is_private_and_removed_on_drop() {
-        let dir = tempfile::tempdir().unwrap();
-        let kf = KeyFile::create(dir.path(), &Secret::new("AQBkey==")).unwrap();
-        let p = kf.path().to_path_buf();
-        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(
-            std::fs::metadata(p.parent().unwrap()).unwrap().mode() & 0o777,
-            0o700
-        );
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "AQBkey==\n");
-        drop(kf);
-        assert!(!p.exists());
     }
 
     #[test]

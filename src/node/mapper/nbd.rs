@@ -8,7 +8,8 @@ use std::path::Path;
 
 use super::krbd::{parse_device, parse_list};
 use super::{
-    cluster_args, ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping,
+    cluster_args, kill_all, ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind,
+    Mapping,
 };
 use crate::node::command::{self, CommandSpec};
 use crate::node::NodeError;
@@ -71,7 +72,7 @@ impl Mapper for NbdMapper {
         if let Some(m) = self.find(&req.into()).await? {
             return Ok(m);
         }
-        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
         let spec = map_command(req, keyfile.path());
         let out = command::run_ok(&spec, self.config.command_timeout).await?;
         drop(keyfile);
@@ -98,6 +99,20 @@ impl Mapper for NbdMapper {
         command::run_ok(&unmap_command(&mapping.device), self.config.command_timeout)
             .await
             .map(drop)
+    }
+
+    /// Kills the daemon: the kernel then fails the I/O that waits on the device.
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        match mapping.pid {
+            Some(pid) => {
+                kill_all(&[pid], nix::sys::signal::Signal::SIGKILL);
+                Ok(())
+            }
+            None => Err(NodeError::NotFound(format!(
+                "no rbd-nbd process recorded for {}",
+                mapping.device.display()
+            ))),
+        }
     }
 
     async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
