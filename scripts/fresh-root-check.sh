@@ -12,7 +12,9 @@
 #   README's bootstrap line and `make deps` have to bring everything, and this is what proves they
 #   do. The apt sources are the host's own Debian (bookworm*) entries, read at run time from
 #   /etc/apt/sources.list.d/*.sources and /etc/apt/sources.list; no mirror is written here.
-#   /etc/hosts gets the two localhost lines that the installer writes on every machine.
+#   /etc/hosts gets the two localhost lines that the installer writes on every machine. The host's
+#   local CAs (/usr/local/share/ca-certificates, e.g. an egress proxy's) are copied there too: they
+#   are part of its network, and take effect only when ca-certificates gets installed.
 #
 # Toolchains: the project's guide says the machine comes with Rust 1.95 (rustup) and Go 1.26, so
 #   they are not installed in the root but made visible read-only: the host's active Rust toolchain
@@ -99,7 +101,9 @@ inside() {
 
     # What is still there now counts against the run; the namespace's end would hide it.
     local procs zombies mounts loops
-    procs=$(chroot "$r" ps -e -o pid=,ppid=,stat=,args= | awk '$1 != 1 && !($4 == "ps" && $5 == "-e")')
+    # ps straight into a file: a pipeline here would list its own subshell.
+    chroot "$r" ps -e -o pid=,ppid=,stat=,args= >"$WORK/ps.txt"
+    procs=$(awk '$1 != 1 && !($2 == 1 && $4 == "ps" && $5 == "-e")' "$WORK/ps.txt")
     zombies=$(awk '$3 ~ /^Z/' <<<"$procs")
     procs=$(awk '$3 !~ /^Z/' <<<"$procs")
     mounts=$(awk -v r="$r" -v rs="$RUST_SYSROOT" -v gr="$GO_ROOT" '
@@ -112,7 +116,7 @@ inside() {
     [[ -z $mounts ]] || { log "LEFT BEHIND: mounts"; sed 's/^/    /' <<<"$mounts"; }
     [[ -z $loops ]] || { log "LEFT BEHIND: loop devices (detaching them)"; sed 's/^/    /' <<<"$loops"; }
     # Loop devices outlive the namespace; these are over files in our root, so ours to detach.
-    awk '{ print $1 }' <<<"$loops" | while read -r d; do [[ -n $d ]] && losetup -d "$d"; done
+    for d in $(awk '{ print $1 }' <<<"$loops"); do losetup -d "$d" || true; done
     printf 'left_procs=%s left_mounts=%s left_loops=%s\n' "$(grep -c . <<<"$procs" || true)" \
         "$(grep -c . <<<"$mounts" || true)" "$(grep -c . <<<"$loops" || true)" >>"$RESULT"
     log "leaving the namespaces (the kernel ends whatever is still in them)"
@@ -221,6 +225,13 @@ t=$EPOCHSECONDS
 mkdir "$R"
 nice -n "$NICE" mmdebstrap --variant=important "$SUITE" "$R" "${MIRRORS[@]}" >>"$LOG" 2>&1 ||
     fail "mmdebstrap failed (see $LOG)"
+# The host's own CAs (an intercepting egress proxy's, say) belong to its network, not to the
+# software: they go where Debian keeps local CAs, and count only once ca-certificates is installed.
+if compgen -G '/usr/local/share/ca-certificates/*.crt' >/dev/null; then
+    mkdir -p "$R/usr/local/share/ca-certificates"
+    cp /usr/local/share/ca-certificates/*.crt "$R/usr/local/share/ca-certificates/"
+    log "host's local CAs copied to /usr/local/share/ca-certificates: $(cd /usr/local/share/ca-certificates && ls -- *.crt | paste -sd' ')"
+fi
 grep -q '^127\.0\.0\.1[[:space:]].*localhost' "$R/etc/hosts" 2>/dev/null ||
     printf '127.0.0.1\tlocalhost\n::1\t\tlocalhost ip6-localhost ip6-loopback\n' >"$R/etc/hosts"
 BUILD_S=$((EPOCHSECONDS - t))
