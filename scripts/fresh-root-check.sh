@@ -41,6 +41,9 @@
 #   FRESH_ROOT_DIR       where the work directory is made (default /var/tmp)
 #   FRESH_ROOT_TIMEOUT   seconds allowed for the bootstrap and `make demo` inside (default 3600)
 #   FRESH_ROOT_NICE      niceness of everything that runs in the root (default 10)
+#   FRESH_ROOT_COMMAND   what runs in the root after the bootstrap line (default: cd /root/rook-rbd
+#                        && make demo); another command checks the checker, e.g. one that leaves a
+#                        process, a mount and a loop device behind must FAIL
 set -euo pipefail
 
 SUITE=bookworm
@@ -88,12 +91,12 @@ inside() {
     echo "bootstrap_rc=$rc bootstrap_s=$((EPOCHSECONDS - t))" >>"$RESULT"
     if ((rc == 0)); then
         log "bootstrap done in $(fmt_secs $((EPOCHSECONDS - t)))"
-        log "\$ cd /root/rook-rbd && make demo"
+        log "\$ $COMMAND"
         t=$EPOCHSECONDS
         rc=0
-        in_root 'cd /root/rook-rbd && make demo' || rc=$?
+        in_root "$COMMAND" || rc=$?
         echo "demo_rc=$rc demo_s=$((EPOCHSECONDS - t))" >>"$RESULT"
-        log "make demo exited $rc after $(fmt_secs $((EPOCHSECONDS - t)))"
+        log "$COMMAND: exit $rc after $(fmt_secs $((EPOCHSECONDS - t)))"
     else
         log "bootstrap FAILED (exit $rc); its last lines:"
         tail -n 15 "$LOG" | sed 's/^/    /'
@@ -112,6 +115,9 @@ inside() {
             !under($5, "/run") && !under($5, rs) && !under($5, gr) && $5 != r "/etc/resolv.conf" { print $5 }' /proc/self/mountinfo)
     loops=$(losetup -l -n -O NAME,BACK-FILE | awk -v r="$r/" 'index($2, r) == 1')
     [[ -z $zombies ]] || { log "zombies (exited, waiting for PID 1 to reap them; they hold nothing):"; sed 's/^/    /' <<<"$zombies"; }
+    if [[ -z $procs$mounts$loops ]]; then
+        log "inside, after it: no processes (but PID 1), mounts or loop devices left"
+    fi
     [[ -z $procs ]] || { log "LEFT BEHIND: processes"; sed 's/^/    /' <<<"$procs"; }
     [[ -z $mounts ]] || { log "LEFT BEHIND: mounts"; sed 's/^/    /' <<<"$mounts"; }
     [[ -z $loops ]] || { log "LEFT BEHIND: loop devices (detaching them)"; sed 's/^/    /' <<<"$loops"; }
@@ -132,12 +138,13 @@ fi
 [[ $(id -u) == 0 ]] || { echo "fresh-root-check: run as root (mmdebstrap, chroot, mounts)" >&2; exit 2; }
 TIMEOUT=${FRESH_ROOT_TIMEOUT:-3600}
 NICE=${FRESH_ROOT_NICE:-10}
+COMMAND=${FRESH_ROOT_COMMAND:-cd /root/rook-rbd && make demo}
 WORK=$(mktemp -d "${FRESH_ROOT_DIR:-/var/tmp}/rook-rbd-fresh-root.XXXXXX")
 R=$WORK/root
 LOG=$WORK.log
 RESULT=$WORK/result
 FRESH_ROOT_T0=$T0
-export WORK LOG RESULT TIMEOUT FRESH_ROOT_T0
+export WORK LOG RESULT TIMEOUT COMMAND FRESH_ROOT_T0
 exec > >(tee -a "$LOG") 2>&1
 TEE_PID=$!
 
@@ -173,7 +180,7 @@ finish() {
     fi
     log "full log: $LOG"
     if [[ $VERDICT == PASS ]]; then
-        echo "fresh-root-check: PASS: make demo in a fresh Debian 12 root ($HEAD_SHORT) in $(fmt_secs $((EPOCHSECONDS - T0)))"
+        echo "fresh-root-check: PASS: '$COMMAND' in a fresh Debian 12 root ($HEAD_SHORT) in $(fmt_secs $((EPOCHSECONDS - T0)))"
     else
         echo "fresh-root-check: FAIL: $REASON ($HEAD_SHORT) after $(fmt_secs $((EPOCHSECONDS - T0)))"
     fi
@@ -256,8 +263,8 @@ nice -n "$NICE" unshare --mount --pid --fork --kill-child --propagation private 
 source <(tr ' ' '\n' <"$RESULT")
 ((rc == 0)) || fail "the namespace setup failed (exit $rc)"
 [[ ${bootstrap_rc:-1} == 0 ]] || fail "the README's bootstrap line failed (exit ${bootstrap_rc:-?})"
-[[ ${demo_rc:-1} == 0 ]] || fail "make demo failed (exit ${demo_rc:-?}) after $(fmt_secs "${demo_s:-0}")"
+[[ ${demo_rc:-1} == 0 ]] || fail "'$COMMAND' failed (exit ${demo_rc:-?}) after $(fmt_secs "${demo_s:-0}")"
 ((${left_procs:-1} + ${left_mounts:-1} + ${left_loops:-1} == 0)) ||
-    fail "make demo passed but left processes ($left_procs), mounts ($left_mounts) or loop devices ($left_loops)"
-log "times: root $(fmt_secs "$BUILD_S"), bootstrap $(fmt_secs "$bootstrap_s"), make demo $(fmt_secs "$demo_s")"
+    fail "'$COMMAND' passed but left processes ($left_procs), mounts ($left_mounts) or loop devices ($left_loops)"
+log "times: root $(fmt_secs "$BUILD_S"), bootstrap $(fmt_secs "$bootstrap_s"), '$COMMAND' $(fmt_secs "$demo_s")"
 VERDICT=PASS
