@@ -6,7 +6,7 @@ GOBIN ?= $(HOME)/go/bin
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(GOBIN)/csi-sanity
 
-.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean
+.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ demo: deps ## a real volume's life on a real dev cluster, step by step with timi
 
 bench: deps ## benchmarks against the dev cluster, with raw-librbd floor ratios
 	bash scripts/bench.sh
+
+fresh-root-check: ## make demo in a fresh Debian 12 root (mmdebstrap): proves `make deps` is complete
+	bash scripts/fresh-root-check.sh
 
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --check
