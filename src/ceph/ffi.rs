@@ -15,6 +15,8 @@ pub type rbd_image_options_t = *mut libc::c_void;
 pub const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+pub const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
 pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 

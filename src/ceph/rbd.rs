@@ -10,6 +10,8 @@ pub struct ImageOptions {
     pub features: u64,
     pub data_pool: Option<String>,
     pub order: Option<u8>,
+    /// (stripe unit in bytes, stripe count); librbd adds the striping-v2 feature when needed.
+    pub stripe: Option<(u64, u64)>,
 }
 
 struct Options(ffi::rbd_image_options_t);
@@ -38,6 +40,10 @@ impl ImageOptions {
         set_u64(ffi::RBD_IMAGE_OPTION_FEATURES, self.features)?;
         if let Some(order) = self.order {
             set_u64(ffi::RBD_IMAGE_OPTION_ORDER, order as u64)?;
+        }
+        if let Some((unit, count)) = self.stripe {
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_UNIT, unit)?;
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
         }
         if let Some(dp) = &self.data_pool {
             let v = cstr(op, dp)?;

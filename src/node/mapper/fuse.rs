@@ -201,6 +201,7 @@ impl FuseMapper {
                 device: dev,
                 pid: fuse_pids(&mp).first().copied(),
                 fuse_mountpoint: Some(mp),
+                unmap_options: None,
             }))
     }
 
@@ -298,6 +299,7 @@ impl Mapper for FuseMapper {
             device,
             pid: fuse_pids(&mp).first().copied(),
             fuse_mountpoint: Some(mp),
+            unmap_options: None,
         })
     }
 

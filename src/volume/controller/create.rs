@@ -14,6 +14,7 @@ impl Controller {
         validate_name("name", &req.name)?;
         let size = size_for(req.required_bytes, req.limit_bytes)?;
         let features = req.params.features()?;
+        let layout = req.params.layout()?;
         if let Some(p) = &req.params.volume_name_prefix {
             if p.starts_with(SNAPSHOT_PREFIX) || p.starts_with(naming::TEMP_SNAP_PREFIX) {
                 return Err(Error::InvalidArgument(
@@ -51,7 +52,8 @@ impl Controller {
         let opts = ImageOptions {
             features,
             data_pool: req.params.data_pool.clone(),
-            order: None,
+            order: layout.order,
+            stripe: layout.stripe,
         };
         let max_depth = self.cfg.max_clone_depth;
         let k8s_meta: Vec<(String, String)> = req
