@@ -31,10 +31,10 @@ pub struct ConnectParams {
     pub mount_timeout: Duration,
 }
 
-/// A connected cluster, with a cache of I/O contexts per pool.
+/// A connected cluster, with a cache of I/O contexts per pool and RADOS namespace.
 pub struct Connection {
     handle: Arc<ClusterHandle>,
-    ioctxs: Mutex<HashMap<String, Arc<IoCtx>>>,
+    ioctxs: Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     fsid: String,
 }
 
@@ -107,17 +107,26 @@ impl Connection {
         &self.fsid
     }
 
-    /// The I/O context for a pool if one was created before; never blocks.
-    pub fn cached_ioctx(&self, pool: &str) -> Option<Arc<IoCtx>> {
-        self.ioctxs.lock().unwrap().get(pool).cloned()
+    /// The I/O context for a pool and namespace (empty: the default one) if one was created
+    /// before; never blocks.
+    pub fn cached_ioctx(&self, pool: &str, namespace: &str) -> Option<Arc<IoCtx>> {
+        let key = (pool.to_string(), namespace.to_string());
+        self.ioctxs.lock().unwrap().get(&key).cloned()
     }
 
-    /// The I/O context for a pool, created once and then shared.
+    /// The I/O context for a pool's default namespace, created once and then shared.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>> {
-        if let Some(io) = self.ioctxs.lock().unwrap().get(pool) {
-            return Ok(io.clone());
+        self.ioctx_in(pool, "")
+    }
+
+    /// The I/O context for a pool and RADOS namespace, created once and then shared. The
+    /// namespace is fixed for its life: a shared context must never switch.
+    pub fn ioctx_in(&self, pool: &str, namespace: &str) -> Result<Arc<IoCtx>> {
+        if let Some(io) = self.cached_ioctx(pool, namespace) {
+            return Ok(io);
         }
         let name = cstr("rados_ioctx_create", pool)?;
+        let ns = cstr("rados_ioctx_set_namespace", namespace)?;
         let mut raw: ffi::rados_ioctx_t = ptr::null_mut();
         check("rados_ioctx_create", pool, unsafe {
             ffi::rados_ioctx_create(self.handle.0, name.as_ptr(), &mut raw)
@@ -125,10 +134,24 @@ impl Connection {
         let io = Arc::new(IoCtx {
             raw,
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
             _cluster: self.handle.clone(),
         });
+        if !namespace.is_empty() {
+            unsafe { ffi::rados_ioctx_set_namespace(io.raw, ns.as_ptr()) };
+            // librados accepts any namespace name; only RBD's registry knows the real ones.
+            let mut exists = false;
+            let spec = io.location();
+            check("rbd_namespace_exists", &spec, unsafe {
+                ffi::rbd_namespace_exists(io.raw, ns.as_ptr(), &mut exists)
+            })?;
+            if !exists {
+                return Err(CephError::new("rbd_namespace_exists", &spec, -libc::ENOENT));
+            }
+        }
         let mut map = self.ioctxs.lock().unwrap();
-        Ok(map.entry(pool.to_string()).or_insert(io).clone())
+        let key = (pool.to_string(), namespace.to_string());
+        Ok(map.entry(key).or_insert(io).clone())
     }
 
     pub fn cached_pools(&self) -> usize {
@@ -187,6 +210,7 @@ fn set_conf(h: &ClusterHandle, k: &str, v: &str) -> Result<()> {
 pub struct IoCtx {
     pub(crate) raw: ffi::rados_ioctx_t,
     pool: String,
+    namespace: String,
     _cluster: Arc<ClusterHandle>,
 }
 
@@ -204,8 +228,21 @@ impl IoCtx {
         &self.pool
     }
 
+    /// The RADOS namespace; empty for the pool's default.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// `pool` or `pool/namespace`, as `rbd` writes it.
+    pub fn location(&self) -> String {
+        match self.namespace.as_str() {
+            "" => self.pool.clone(),
+            ns => format!("{}/{ns}", self.pool),
+        }
+    }
+
     pub(crate) fn target(&self, name: &str) -> String {
-        format!("{}/{}", self.pool, name)
+        format!("{}/{}", self.location(), name)
     }
 
     pub fn write_full(&self, oid: &str, data: &[u8]) -> Result<()> {

@@ -69,6 +69,8 @@ pub struct SnapInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentInfo {
     pub pool: String,
+    /// RADOS namespace; empty for the pool's default.
+    pub namespace: String,
     pub image_name: String,
     pub image_id: String,
     pub snap_name: String,
@@ -371,6 +373,7 @@ impl Image {
         let info = unsafe {
             ParentInfo {
                 pool: owned(img.pool_name),
+                namespace: owned(img.pool_namespace),
                 image_name: owned(img.image_name),
                 image_id: owned(img.image_id),
                 snap_name: owned(snap.name),

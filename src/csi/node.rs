@@ -146,8 +146,8 @@ impl node_server::Node for NodeService {
                 access: access_kind,
                 read_only,
                 map: MapRequest {
+                    namespace: vol.namespace().map(String::from),
                     pool: vol.pool,
-                    namespace: None,
                     image: vol.image,
                     monitors,
                     user: creds.user,

@@ -397,9 +397,9 @@ pub(crate) fn safe_name_byte(b: u8) -> bool {
 }
 
 pub(crate) fn check_name(what: &str, v: &str) -> Result<(), Error> {
-    if v.is_empty() || v.len() > 64 || v.starts_with('.') || !v.bytes().all(safe_name_byte) {
+    if v.is_empty() || v.len() > 64 || v.starts_with(['.', '-']) || !v.bytes().all(safe_name_byte) {
         return Err(Error::InvalidArgument(format!(
-            "{what} {v:?} is not a valid name (at most 64 of [A-Za-z0-9._-], not starting with '.')"
+            "{what} {v:?} is not a valid name (at most 64 of [A-Za-z0-9._-], not starting with '.' or '-')"
         )));
     }
     Ok(())

@@ -128,6 +128,11 @@ pub struct Driver {
 
 impl Driver {
     pub fn start(c: &Cluster, extra: &[&str]) -> Driver {
+        Self::start_with_config(c, &c.dir.join("cluster-config.json"), extra)
+    }
+
+    /// Like `start`, with another cluster config (entries of the dev cluster with other settings).
+    pub fn start_with_config(c: &Cluster, config: &Path, extra: &[&str]) -> Driver {
         let root = tempfile::Builder::new()
             .prefix("rook-rbd-test")
             .tempdir_in("/tmp")
@@ -142,7 +147,7 @@ impl Driver {
             "--endpoint".into(),
             endpoint.clone(),
             "--cluster-config".into(),
-            c.dir.join("cluster-config.json").display().to_string(),
+            config.display().to_string(),
             "--secret-dir".into(),
             secret.display().to_string(),
             "--kubelet-dir".into(),

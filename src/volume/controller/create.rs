@@ -22,12 +22,13 @@ impl Controller {
                 ));
             }
         }
-        self.cluster(&req.params.cluster_id)?;
+        let namespace = self.cluster(&req.params.cluster_id)?.rados_namespace();
         let image = naming::volume_image(req.params.volume_name_prefix.as_deref(), &req.name);
-        let id = VolumeId::new(&req.params.cluster_id, &req.params.pool, &image);
+        let id =
+            VolumeId::in_namespace(&req.params.cluster_id, &req.params.pool, namespace, &image);
         if id.encode().len() > crate::volume::id::MAX_ID_LEN {
             return Err(Error::InvalidArgument(
-                "clusterID and pool are too long for a 128-byte volume ID".into(),
+                "clusterID, pool and radosNamespace are too long for a 128-byte volume ID".into(),
             ));
         }
         let _guard = self
@@ -47,7 +48,7 @@ impl Controller {
 
         let conn = self.connect(&req.params.cluster_id, &req.creds).await?;
         let io = self
-            .pool_ioctx(conn.clone(), &req.params.cluster_id, &req.params.pool)
+            .pool_ioctx(conn.clone(), &id.cluster_id, &id.pool, &id.namespace)
             .await?;
         let opts = ImageOptions {
             features,
@@ -78,7 +79,7 @@ impl Controller {
                     ));
                 }
                 let sio = self
-                    .ioctx(&snap.volume.cluster_id, &snap.volume.pool, &req.creds)
+                    .volume_ioctx(&snap.volume, &req.creds)
                     .await
                     .map_err(not_found_source(sid))?;
                 Some((sio, snap.volume.image.clone(), true))
@@ -94,7 +95,7 @@ impl Controller {
                     ));
                 }
                 let sio = self
-                    .ioctx(&src.cluster_id, &src.pool, &req.creds)
+                    .volume_ioctx(&src, &req.creds)
                     .await
                     .map_err(not_found_source(vid))?;
                 Some((sio, src.image.clone(), false))
@@ -150,7 +151,7 @@ fn clone_depth(conn: &Connection, img: &Image) -> Result<u32, CephError> {
         if depth > 64 {
             break;
         }
-        let io = conn.ioctx(&p.pool)?;
+        let io = conn.ioctx_in(&p.pool, &p.namespace)?;
         let pimg = io.open_image_by_id(&p.image_id)?;
         parent = pimg.parent()?;
     }

@@ -20,7 +20,7 @@ impl Controller {
             .inflight
             .try_enter(volume_id)
             .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
-        let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
+        let io = self.volume_ioctx(&id, &creds).await?;
         let image = id.image.clone();
         with_ioctx(io, move |io| {
             let img = io.open_image(&image)?;
