@@ -156,7 +156,8 @@ impl Env {
             monitors: self.cluster.monitors.clone(),
             user: "admin".into(),
             key: self.cluster.key.clone(),
-            map_options: None,
+            map_options: Default::default(),
+            unmap_options: Default::default(),
             read_only: false,
         }
     }

@@ -15,6 +15,8 @@ pub type rbd_image_options_t = *mut libc::c_void;
 pub const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+pub const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
 pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
@@ -205,6 +207,11 @@ extern "C" {
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: size_t);
     pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+    pub fn rbd_namespace_exists(
+        io: rados_ioctx_t,
+        namespace_name: *const c_char,
+        exists: *mut bool,
+    ) -> c_int;
     pub fn rbd_trash_list(
         io: rados_ioctx_t,
         entries: *mut rbd_trash_image_info_t,

@@ -10,9 +10,10 @@ use super::proto::{self, node_server, node_service_capability as nsc, volume_cap
 use super::require;
 use crate::node::step::{answerable, first_answer};
 use crate::node::{
-    AccessType, MapRequest, MapperChoice, NodeDriver, NodeError, PublishRequest, StageRequest,
-    VolumeAccess, VolumeUsage,
+    AccessType, MapRequest, MapperChoice, MapperKind, NodeDriver, NodeError, PublishRequest,
+    StageRequest, VolumeAccess, VolumeUsage,
 };
+use crate::volume::params::MapperOptions;
 use crate::volume::{ClusterConfig, Credentials, InFlight, RunError, VolumeId};
 use std::collections::HashMap;
 use std::future::Future;
@@ -102,6 +103,19 @@ impl NodeService {
     }
 }
 
+/// `mapOptions` or `unmapOptions` of the volume context, by mapper. CreateVolume checked them;
+/// a hand-made (static) volume context is checked here.
+fn options_by_mapper(
+    ctx: &HashMap<String, String>,
+    key: &str,
+) -> Result<HashMap<MapperKind, String>, Status> {
+    let o = MapperOptions::parse(key, ctx.get(key).map_or("", String::as_str))?;
+    Ok([(MapperKind::Krbd, o.krbd), (MapperKind::Nbd, o.nbd)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, v?)))
+        .collect())
+}
+
 /// For questions about a volume at a path (stats, expand), a path that cannot hold one of our
 /// volumes simply means the volume is not there.
 fn not_here(e: NodeError, volume_id: &str, path: &str) -> NodeError {
@@ -154,13 +168,14 @@ impl node_server::Node for NodeService {
             access: access_kind,
             read_only,
             map: MapRequest {
+                namespace: vol.namespace().map(String::from),
                 pool: vol.pool,
-                namespace: None,
                 image: vol.image,
                 monitors,
                 user: creds.user,
                 key: creds.key,
-                map_options: ctx.get("mapOptions").cloned().filter(|s| !s.is_empty()),
+                map_options: options_by_mapper(ctx, "mapOptions")?,
+                unmap_options: options_by_mapper(ctx, "unmapOptions")?,
                 read_only,
             },
             mapper,
@@ -348,5 +363,65 @@ impl node_server::Node for NodeService {
             max_volumes_per_node: 0,
             accessible_topology: None,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::mapper::{krbd, nbd};
+    use crate::secret::Secret;
+    use std::path::Path;
+
+    fn request(ctx: &HashMap<String, String>) -> Result<MapRequest, Status> {
+        Ok(MapRequest {
+            pool: "rbd".into(),
+            namespace: None,
+            image: "csi-vol-1".into(),
+            monitors: vec!["127.0.0.1:3300".into()],
+            user: "csi".into(),
+            key: Secret::new("AQBkey=="),
+            map_options: options_by_mapper(ctx, "mapOptions")?,
+            unmap_options: options_by_mapper(ctx, "unmapOptions")?,
+            read_only: false,
+        })
+    }
+
+    #[test]
+    fn each_mapper_gets_only_its_own_part_of_ceph_csi_map_options() {
+        let ctx = HashMap::from([
+            (
+                "mapOptions".to_string(),
+                "krbd:queue_depth=128,lock_on_read;nbd:io-timeout=5".to_string(),
+            ),
+            ("unmapOptions".to_string(), "nbd:force".to_string()),
+        ]);
+        let req = request(&ctx).unwrap();
+        let k = krbd::map_command(&req, Path::new("/k"));
+        assert_eq!(
+            k.args[k.args.len() - 2..],
+            ["--options", "queue_depth=128,lock_on_read"]
+        );
+        let n = nbd::map_command(&req, Path::new("/k"));
+        assert_eq!(n.args.last().unwrap(), "--io-timeout=5");
+        assert!(!n.args.iter().any(|a| a.contains("queue_depth")));
+        assert_eq!(
+            req.unmap_options_for(MapperKind::Nbd).as_deref(),
+            Some("force")
+        );
+        assert_eq!(req.unmap_options_for(MapperKind::Krbd), None);
+        // The older bare form is krbd's alone.
+        let bare = HashMap::from([("mapOptions".to_string(), "lock_on_read".to_string())]);
+        let req = request(&bare).unwrap();
+        assert_eq!(req.map_options_for(MapperKind::Krbd), Some("lock_on_read"));
+        assert_eq!(req.map_options_for(MapperKind::Nbd), None);
+    }
+
+    #[test]
+    fn malformed_map_options_in_a_volume_context_are_invalid_argument() {
+        let ctx = HashMap::from([("unmapOptions".to_string(), "xyz:force".to_string())]);
+        let e = request(&ctx).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains("unmapOptions"), "{}", e.message());
     }
 }

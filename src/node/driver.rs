@@ -676,6 +676,7 @@ impl NodeDriver {
                     image: &state.image,
                 };
                 if let Some(current) = self.mappers.find(kind, &image).await? {
+                    let current = current.with_unmap_options_of(&state.mapping);
                     self.mappers.unmap(&current).await?;
                 }
             }

@@ -146,12 +146,22 @@ pub struct Driver {
 
 impl Driver {
     pub fn start(c: &Cluster, extra: &[&str]) -> Driver {
-        Self::start_with_env(c, extra, &[])
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, &[])
     }
 
     /// Like [`Driver::start`], with extra environment for the driver process (e.g. a PATH
     /// that puts a test's wrapper of a tool first).
     pub fn start_with_env(c: &Cluster, extra: &[&str], env: &[(&str, &str)]) -> Driver {
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, env)
+    }
+
+    /// Like [`Driver::start`], with another cluster config (entries of the dev cluster with
+    /// other settings).
+    pub fn start_with_config(c: &Cluster, config: &Path, extra: &[&str]) -> Driver {
+        Self::start_full(c, config, extra, &[])
+    }
+
+    fn start_full(c: &Cluster, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Driver {
         let root = tempfile::Builder::new()
             .prefix("rook-rbd-test")
             .tempdir_in("/tmp")
@@ -166,7 +176,7 @@ impl Driver {
             "--endpoint".into(),
             endpoint.clone(),
             "--cluster-config".into(),
-            c.dir.join("cluster-config.json").display().to_string(),
+            config.display().to_string(),
             "--secret-dir".into(),
             secret.display().to_string(),
             "--kubelet-dir".into(),

@@ -4,8 +4,9 @@
 //! `<state_dir>/fuse/<hash>/<image>`; `losetup` turns that file into `/dev/loopN`. The mount point
 //! lives in a 0700 directory because rbd-fuse gives the image file mode 0666.
 //!
-//! rbd-fuse parses only `-c`, `-p` and `-r`; the cluster identity reaches librados through
-//! `CEPH_ARGS` (`--id`, `-m`, `--keyfile`), which it reads with `rados_conf_parse_env`.
+//! rbd-fuse parses only `-c`, `-p`, `-s` (namespace) and `-r`; the cluster identity reaches
+//! librados through `CEPH_ARGS` (`--id`, `-m`, `--keyfile`), which it reads with
+//! `rados_conf_parse_env`.
 //! It daemonizes itself (setsid) once mounted and connects afterwards, in FUSE's init; until
 //! that returns every access to the mount point blocks, so all waits here are bounded.
 //! The daemon is deliberately not tied to the plugin: published mounts outlive a plugin restart.
@@ -50,12 +51,16 @@ pub fn fuse_command(
             "monitors and the state directory must not contain whitespace".into(),
         ));
     }
-    Ok(CommandSpec::new("rbd-fuse")
+    let mut c = CommandSpec::new("rbd-fuse")
         .env(
             "CEPH_ARGS",
             format!("--id {} -m {} --keyfile {}", req.user, mons, keyfile),
         )
-        .args(["-c", "/dev/null", "-p", &req.pool, "-r", &req.image])
+        .args(["-c", "/dev/null", "-p", &req.pool]);
+    if let Some(ns) = req.namespace.as_deref().filter(|n| !n.is_empty()) {
+        c = c.args(["-s", ns]);
+    }
+    Ok(c.args(["-r", &req.image])
         .arg(mountpoint.to_string_lossy())
         .detached())
 }
@@ -95,7 +100,8 @@ impl FuseMapper {
 
     /// A stable, private mount point per image, so a restarted plugin finds it again.
     pub fn mountpoint_for(&self, image: &ImageRef<'_>) -> PathBuf {
-        let digest = Sha256::digest(format!("{}/{}", image.pool, image.image).as_bytes());
+        let spec = super::image_spec(image.pool, image.namespace, image.image);
+        let digest = Sha256::digest(spec.as_bytes());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         self.fuse_root().join(hex)
     }
@@ -195,8 +201,8 @@ impl FuseMapper {
         if !connected {
             self.discard(mountpoint).await;
             return Err(NodeError::Unavailable(format!(
-                "rbd-fuse did not expose {}/{} within {:?} (cluster unreachable, wrong credentials, or no such image)",
-                req.pool, req.image, self.config.fuse_connect_timeout
+                "rbd-fuse did not expose {} within {:?} (cluster unreachable, wrong credentials, or no such image)",
+                req.image_spec(), self.config.fuse_connect_timeout
             )));
         }
         Ok(())
@@ -217,6 +223,7 @@ impl FuseMapper {
                 device: dev,
                 pid: fuse_pids(&mp).first().copied(),
                 fuse_mountpoint: Some(mp),
+                unmap_options: None,
             }))
     }
 
@@ -296,11 +303,6 @@ impl Mapper for FuseMapper {
     }
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
-        if req.namespace.as_deref().is_some_and(|n| !n.is_empty()) {
-            return Err(NodeError::InvalidArgument(
-                "rbd-fuse does not support RADOS namespaces; use krbd or nbd".into(),
-            ));
-        }
         let image = ImageRef::from(req);
         let mp = self.mountpoint_for(&image);
         let _guard = self.lock(&mp).await;
@@ -336,6 +338,7 @@ impl Mapper for FuseMapper {
             device,
             pid: fuse_pids(&mp).first().copied(),
             fuse_mountpoint: Some(mp),
+            unmap_options: None,
         })
     }
 
@@ -485,6 +488,11 @@ mod tests {
         assert!(c.own_process_group);
         assert!(!c.to_string().contains("AQB"));
         assert!(fuse_command(&req, Path::new("/a b/k"), Path::new("/m")).is_err());
+        // An image in a RADOS namespace: `-s` before the image.
+        let mut req = req;
+        req.namespace = Some("tenant-1".into());
+        let c = fuse_command(&req, Path::new("/k"), Path::new("/m")).unwrap();
+        assert_eq!(c.args[4..8], ["-s", "tenant-1", "-r", "csi-vol-1"]);
     }
 
     #[test]
@@ -521,6 +529,17 @@ mod tests {
         };
         assert_eq!(m.mountpoint_for(&a), m.mountpoint_for(&a));
         assert_ne!(m.mountpoint_for(&a), m.mountpoint_for(&b));
+        let in_ns = ImageRef {
+            namespace: Some("ns"),
+            ..a.clone()
+        };
+        assert_ne!(m.mountpoint_for(&a), m.mountpoint_for(&in_ns));
+        // Mount points of images without a namespace are what they were before namespaces
+        // (sha256 of "rbd/a"), so a plugin upgraded under a live mount still finds it.
+        assert_eq!(
+            m.mountpoint_for(&a),
+            Path::new("/s/fuse/0010f51dd5f7475354255f40f4c1652b")
+        );
         assert!(m.mountpoint_for(&a).starts_with("/s/fuse"));
     }
 

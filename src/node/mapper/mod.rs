@@ -10,6 +10,7 @@ pub mod keyfile;
 pub mod krbd;
 pub mod nbd;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -85,8 +86,10 @@ pub struct MapRequest {
     pub monitors: Vec<String>,
     pub user: String,
     pub key: Secret,
-    /// StorageClass `mapOptions` (comma-separated), passed to the mapper.
-    pub map_options: Option<String>,
+    /// Each mapper's own comma-separated options, from the StorageClass's `mapOptions`.
+    pub map_options: HashMap<MapperKind, String>,
+    /// The same from `unmapOptions`; the mapper keeps its own in the [`Mapping`].
+    pub unmap_options: HashMap<MapperKind, String>,
     pub read_only: bool,
 }
 
@@ -94,6 +97,22 @@ impl MapRequest {
     /// `pool[/namespace]/image`, the spec `rbd` and `rbd-nbd` take.
     pub fn image_spec(&self) -> String {
         image_spec(&self.pool, self.namespace.as_deref(), &self.image)
+    }
+
+    /// `kind`'s map options, if the StorageClass gave any.
+    pub fn map_options_for(&self, kind: MapperKind) -> Option<&str> {
+        self.map_options
+            .get(&kind)
+            .map(String::as_str)
+            .filter(|o| !o.is_empty())
+    }
+
+    /// `kind`'s unmap options, to record in the mapping.
+    pub fn unmap_options_for(&self, kind: MapperKind) -> Option<String> {
+        self.unmap_options
+            .get(&kind)
+            .filter(|o| !o.is_empty())
+            .cloned()
     }
 
     fn validate(&self) -> Result<(), NodeError> {
@@ -137,6 +156,20 @@ pub struct Mapping {
     /// The daemon serving the device (rbd-fuse, rbd-nbd), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// This mapper's `unmapOptions`, kept for the unmap (NodeUnstage carries no volume context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmap_options: Option<String>,
+}
+
+impl Mapping {
+    /// The same mapping, unmapped with the options recorded in `recorded` (a mapping found on the
+    /// system knows no options of its own).
+    pub fn with_unmap_options_of(self, recorded: &Mapping) -> Mapping {
+        Mapping {
+            unmap_options: recorded.unmap_options.clone(),
+            ..self
+        }
+    }
 }
 
 /// Identifies an image for [`Mapper::find`].
@@ -297,7 +330,8 @@ pub(crate) fn sample_request() -> MapRequest {
         monitors: vec!["10.0.0.1:6789".into(), "10.0.0.2:6789".into()],
         user: "csi".into(),
         key: Secret::new("AQBsecretkey=="),
-        map_options: None,
+        map_options: HashMap::new(),
+        unmap_options: HashMap::new(),
         read_only: false,
     }
 }
@@ -336,6 +370,28 @@ mod tests {
         let mut r = sample_request();
         r.monitors.clear();
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn unmap_options_survive_in_the_state_file_and_older_files_still_read() {
+        let recorded = Mapping {
+            mapper: MapperKind::Krbd,
+            device: "/dev/rbd0".into(),
+            fuse_mountpoint: None,
+            pid: None,
+            unmap_options: Some("force".into()),
+        };
+        let json = serde_json::to_string(&recorded).unwrap();
+        assert_eq!(serde_json::from_str::<Mapping>(&json).unwrap(), recorded);
+        let old: Mapping =
+            serde_json::from_str(r#"{"mapper":"krbd","device":"/dev/rbd0"}"#).unwrap();
+        assert_eq!(old.unmap_options, None);
+        // What unstage finds on the system carries the recorded options to the unmap.
+        let found = Mapping {
+            unmap_options: None,
+            ..recorded.clone()
+        };
+        assert_eq!(found.with_unmap_options_of(&recorded), recorded);
     }
 
     #[test]

@@ -25,9 +25,10 @@ impl NbdMapper {
     }
 }
 
-/// `rbd-nbd map POOL[/NS]/IMAGE -c /dev/null --id U -m MONS --keyfile F [--read-only] [--OPT [VAL]]...`
+/// `rbd-nbd map POOL[/NS]/IMAGE -c /dev/null --id U -m MONS --keyfile F [--read-only] [--OPT[=VAL]]...`
 ///
-/// `mapOptions` like `timeout=120,try-netlink` become `--timeout 120 --try-netlink`.
+/// The nbd part of `mapOptions`, like `io-timeout=120,try-netlink`, becomes
+/// `--io-timeout=120 --try-netlink`, as ceph-csi hands it to rbd-nbd.
 pub fn map_command(req: &MapRequest, keyfile: &Path) -> CommandSpec {
     let mut c = CommandSpec::new("rbd-nbd")
         .arg("map")
@@ -37,30 +38,29 @@ pub fn map_command(req: &MapRequest, keyfile: &Path) -> CommandSpec {
     if req.read_only {
         c = c.arg("--read-only");
     }
-    for opt in req
-        .map_options
-        .as_deref()
+    c.args(cli_options(req.map_options_for(MapperKind::Nbd)))
+}
+
+/// `o1,o2=v` as rbd-nbd flags: `--o1 --o2=v`.
+fn cli_options(options: Option<&str>) -> Vec<String> {
+    options
         .unwrap_or("")
         .split(',')
-        .map(str::trim)
         .filter(|o| !o.is_empty())
-    {
-        match opt.split_once('=') {
-            Some((k, v)) => c = c.arg(format!("--{k}")).arg(v),
-            None => c = c.arg(format!("--{opt}")),
-        }
-    }
-    c
+        .map(|o| format!("--{o}"))
+        .collect()
 }
 
 pub fn list_command() -> CommandSpec {
     CommandSpec::new("rbd-nbd").args(["-c", "/dev/null", "list-mapped", "--format", "json"])
 }
 
-pub fn unmap_command(device: &Path) -> CommandSpec {
+/// `rbd-nbd unmap [--OPT[=VAL]]... DEVICE`, with the nbd part of `unmapOptions`.
+pub fn unmap_command(mapping: &Mapping) -> CommandSpec {
     CommandSpec::new("rbd-nbd")
         .args(["-c", "/dev/null", "unmap"])
-        .arg(device.to_string_lossy())
+        .args(cli_options(mapping.unmap_options.as_deref()))
+        .arg(mapping.device.to_string_lossy())
 }
 
 impl Mapper for NbdMapper {
@@ -69,8 +69,9 @@ impl Mapper for NbdMapper {
     }
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
+        let unmap_options = req.unmap_options_for(MapperKind::Nbd);
         if let Some(m) = self.find(&req.into()).await? {
-            return Ok(m);
+            return Ok(Mapping { unmap_options, ..m });
         }
         let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
         let spec = map_command(req, keyfile.path());
@@ -89,6 +90,7 @@ impl Mapper for NbdMapper {
             device,
             fuse_mountpoint: None,
             pid,
+            unmap_options,
         })
     }
 
@@ -96,7 +98,7 @@ impl Mapper for NbdMapper {
         if !mapping.device.exists() {
             return Ok(());
         }
-        command::run_ok(&unmap_command(&mapping.device), self.config.command_timeout)
+        command::run_ok(&unmap_command(mapping), self.config.command_timeout)
             .await
             .map(drop)
     }
@@ -125,6 +127,7 @@ impl Mapper for NbdMapper {
                 device: d.device,
                 fuse_mountpoint: None,
                 pid: d.id.parse().ok(),
+                unmap_options: None,
             }))
     }
 }
@@ -133,13 +136,14 @@ impl Mapper for NbdMapper {
 mod tests {
     use super::*;
     use crate::node::mapper::sample_request;
+    use std::collections::HashMap;
     use std::path::PathBuf;
 
     #[test]
     fn map_command_translates_map_options_and_is_detached() {
         let mut req = sample_request();
         req.namespace = Some("ns".into());
-        req.map_options = Some("timeout=120, try-netlink".into());
+        req.map_options = HashMap::from([(MapperKind::Nbd, "io-timeout=120,try-netlink".into())]);
         req.read_only = true;
         let c = map_command(&req, Path::new("/s/k"));
         assert!(c.own_process_group);
@@ -158,8 +162,7 @@ mod tests {
                 "--keyfile",
                 "/s/k",
                 "--read-only",
-                "--timeout",
-                "120",
+                "--io-timeout=120",
                 "--try-netlink"
             ]
         );
@@ -176,6 +179,36 @@ mod tests {
             namespace: None,
             image: "csi-vol-1"
         }));
-        assert_eq!(unmap_command(Path::new("/dev/nbd0")).args[3], "/dev/nbd0");
+        let mut m = Mapping {
+            mapper: MapperKind::Nbd,
+            device: "/dev/nbd0".into(),
+            fuse_mountpoint: None,
+            pid: None,
+            unmap_options: None,
+        };
+        assert_eq!(
+            unmap_command(&m).args,
+            ["-c", "/dev/null", "unmap", "/dev/nbd0"]
+        );
+        m.unmap_options = Some("force".into());
+        assert_eq!(
+            unmap_command(&m).args,
+            ["-c", "/dev/null", "unmap", "--force", "/dev/nbd0"]
+        );
+    }
+
+    #[test]
+    fn map_command_passes_only_the_nbd_part_of_ceph_csi_map_options() {
+        let mut req = sample_request();
+        req.map_options = HashMap::from([
+            (MapperKind::Krbd, "queue_depth=128".into()),
+            (MapperKind::Nbd, "io-timeout=5,try-netlink".into()),
+        ]);
+        let c = map_command(&req, Path::new("/k"));
+        assert_eq!(
+            c.args[c.args.len() - 2..],
+            ["--io-timeout=5", "--try-netlink"]
+        );
+        assert!(!c.args.iter().any(|a| a.contains("queue_depth")));
     }
 }

@@ -34,7 +34,7 @@ impl Controller {
             .try_enter(volume_id)
             .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
         self.require_node(&id.cluster_id, node, &creds).await?;
-        let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
+        let io = self.volume_ioctx(&id, &creds).await?;
         let image = id.image.clone();
         let want = Attachment {
             node: node.to_string(),
@@ -102,7 +102,7 @@ impl Controller {
             .inflight
             .try_enter(volume_id)
             .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
-        let io = self.ioctx(&id.cluster_id, &id.pool, &creds).await?;
+        let io = self.volume_ioctx(&id, &creds).await?;
         let image = id.image.clone();
         let node = node.to_string();
         let res = with_ioctx(io, move |io| {
