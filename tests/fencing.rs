@@ -1,5 +1,6 @@
 //! Fencing of single-node volumes against a real Ceph cluster: the attachment record holds
-//! between two controller processes.
+//! between two controller processes, and NodeStage refuses an image that another client still
+//! watches.
 
 mod common;
 
@@ -195,4 +196,237 @@ async fn a_record_in_image_metadata_from_an_earlier_version_fences_and_moves_on_
     for n in [&a, &b] {
         c.rados(&["-p", "rbd", "rm", &format!("rook-rbd.node.{n}")]);
     }
+}
+
+// ------------------------------------------------------------------- node plugins on rbd-fuse
+
+use rook_rbd::ceph::rados::{ConnectParams, Connection};
+use rook_rbd::secret::Secret;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Bound for calls that may start rbd-fuse or tear it down on a shared machine.
+const SLOW: Duration = Duration::from_secs(180);
+
+async fn within<T>(what: &str, limit: Duration, fut: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not return within {limit:?}"))
+}
+
+fn ceph_cli(c: &Cluster, program: &str, args: &[&str]) -> std::process::Output {
+    Command::new("timeout")
+        .args(["60", program, "-c"])
+        .arg(c.dir.join("ceph.conf"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Another Ceph client with the image open read-write (which registers a watch). Fields drop
+/// in order: the image closes before its connection shuts down.
+struct OtherClient {
+    _image: rook_rbd::ceph::Image,
+    _conn: Connection,
+}
+
+fn open_elsewhere(c: &Cluster, image: &str) -> OtherClient {
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(c.dir.join("cluster-config.json")).unwrap()).unwrap();
+    let conn = Connection::connect(&ConnectParams {
+        monitors: cfg[0]["monitors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_str().unwrap().to_string())
+            .collect(),
+        user: "admin".into(),
+        key: Secret::new(c.key.clone()),
+        osd_op_timeout: Duration::from_secs(10),
+        mon_op_timeout: Duration::from_secs(10),
+        mount_timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    let img = conn.ioctx("rbd").unwrap().open_image(image).unwrap();
+    OtherClient {
+        _image: img,
+        _conn: conn,
+    }
+}
+
+async fn create_block(cl: &mut CsiClient, c: &Cluster, prefix: &str) -> String {
+    let mut req = create_req(c, &unique(prefix), 16 * MIB);
+    req.volume_capabilities = vec![cap_with_mode(true, Mode::SingleNodeWriter)];
+    req.parameters.insert("mounter".into(), "fuse".into());
+    cl.controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id
+}
+
+/// rbd-fuse processes whose command line mentions `root` (each node plugin's own).
+fn fuse_pids_under(root: &Path) -> Vec<i32> {
+    let needle = root.to_str().unwrap().as_bytes().to_vec();
+    std::fs::read_dir("/proc")
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                    cmd.starts_with(b"rbd-fuse\0") && cmd.windows(needle.len()).any(|w| w == needle)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A node plugin process of its own (node ID, state and kubelet dir) on the fuse mapper.
+/// Whatever it left mapped is scrubbed on drop, even when the test failed.
+struct NodePlugin {
+    d: Driver,
+    id: String,
+    cl: CsiClient,
+    conf: PathBuf,
+}
+
+impl NodePlugin {
+    async fn start(c: &Cluster, tag: &str) -> NodePlugin {
+        let id = unique(tag);
+        let d = Driver::start(
+            c,
+            &["--node", "--node-id", &id, "--default-mounter", "fuse"],
+        );
+        let cl = d.client().await;
+        let obj = format!("rook-rbd.node.{id}");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ceph_cli(c, "rados", &["-p", "rbd", "stat", &obj])
+            .status
+            .success()
+        {
+            assert!(Instant::now() < deadline, "node {id} never registered");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        NodePlugin {
+            d,
+            id,
+            cl,
+            conf: c.dir.join("ceph.conf"),
+        }
+    }
+
+    fn staging(&self) -> String {
+        self.d.path("kubelet/staging/v").display().to_string()
+    }
+
+    async fn stage(&self, c: &Cluster, volume_id: &str) -> Result<(), tonic::Status> {
+        let req = proto::NodeStageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: self.staging(),
+            volume_capability: Some(cap_with_mode(true, Mode::SingleNodeWriter)),
+            secrets: c.secrets(),
+            ..Default::default()
+        };
+        within(
+            "NodeStage",
+            SLOW,
+            self.cl.node.clone().node_stage_volume(req),
+        )
+        .await
+        .map(drop)
+    }
+
+    async fn unstage(&self, volume_id: &str) -> Result<(), tonic::Status> {
+        let req = proto::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: self.staging(),
+        };
+        within(
+            "NodeUnstage",
+            SLOW,
+            self.cl.node.clone().node_unstage_volume(req),
+        )
+        .await
+        .map(drop)
+    }
+}
+
+impl Drop for NodePlugin {
+    fn drop(&mut self) {
+        // Best effort, for a test that failed half-way; a passing test has left nothing.
+        self.d.kill9();
+        let root = self.d.root.path().to_path_buf();
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&root))
+            .collect();
+        points.reverse();
+        for p in &points {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
+        }
+        let loops = Command::new("losetup")
+            .args(["-nO", "NAME,BACK-FILE"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for (dev, file) in loops.lines().filter_map(|l| l.split_once(' ')) {
+            if Path::new(file.trim()).starts_with(&root) {
+                let _ = Command::new("losetup").args(["-d", dev]).status();
+            }
+        }
+        for pid in fuse_pids_under(&root) {
+            // SAFETY: kill(2) of an rbd-fuse this plugin started (its command line names our root).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = Command::new("timeout")
+            .args(["30", "rados", "-c"])
+            .arg(&self.conf)
+            .args(["-p", "rbd", "rm", &format!("rook-rbd.node.{}", self.id)])
+            .output();
+    }
+}
+
+/// NodeStage of a single-node volume refuses while another client holds the image, as ceph-csi
+/// does; the same stage succeeds once that client is gone, and again while our own mapping
+/// holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_stage_of_a_single_node_volume_is_refused_while_another_client_watches_it() {
+    let c = cluster_or_return!();
+    let ctl = Driver::start(&c, &["--controller"]);
+    let mut cl = ctl.client().await;
+    let node = NodePlugin::start(&c, "stage-check").await;
+    let vol = create_block(&mut cl, &c, "watched").await;
+    let image = image_of(&vol);
+    cl.controller
+        .controller_publish_volume(publish_req(&c, &vol, &node.id, true))
+        .await
+        .unwrap();
+
+    let other = open_elsewhere(&c, &image);
+    let e = node.stage(&c, &vol).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("in use"), "{e:?}");
+    assert!(
+        fuse_pids_under(node.d.root.path()).is_empty(),
+        "a refused stage maps nothing"
+    );
+
+    drop(other);
+    node.stage(&c, &vol).await.unwrap();
+    assert_eq!(fuse_pids_under(node.d.root.path()).len(), 1);
+    // A repeated stage: the watcher now is our own rbd-fuse, which does not count.
+    node.stage(&c, &vol).await.unwrap();
+
+    node.unstage(&vol).await.unwrap();
+    cl.controller
+        .controller_unpublish_volume(unpublish_req(&c, &vol, &node.id))
+        .await
+        .unwrap();
+    delete(&mut cl, &c, &vol).await;
 }

@@ -5,12 +5,15 @@
 use super::controller::check_capability;
 use super::proto::{self, node_server, node_service_capability as nsc, volume_capability};
 use super::require;
+use crate::node::mapper::ImageRef;
 use crate::node::{
-    AccessType, MapRequest, MapperChoice, NodeDriver, NodeError, PublishRequest, StageRequest,
-    VolumeAccess, VolumeUsage,
+    AccessType, MapRequest, MapperChoice, MapperKind, NodeDriver, NodeError, PathPolicy,
+    PublishRequest, StageRequest, VolumeAccess, VolumeUsage,
 };
+use crate::volume::controller::Controller;
 use crate::volume::{ClusterConfig, Credentials, InFlight, VolumeId};
 use std::collections::HashMap;
+use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use volume_capability::access_mode::Mode;
 
@@ -23,6 +26,8 @@ pub struct NodeService {
     /// has the rbd module, which is the production case.
     pub default_mounter: String,
     pub inflight: InFlight,
+    /// The Ceph side of the single-node fence: who else holds an image.
+    pub volumes: Arc<Controller>,
 }
 
 const CAPABILITIES: &[nsc::rpc::Type] = &[
@@ -67,6 +72,36 @@ impl NodeService {
             });
         }
         Ok(Credentials::from_secrets(secrets)?)
+    }
+
+    /// Whether this node already maps the image: staged before, or mapped by a stage that
+    /// crashed before it recorded its state.
+    async fn mapped_here(
+        &self,
+        volume_id: &str,
+        vol: &VolumeId,
+        mapper: MapperChoice,
+    ) -> Result<bool, Status> {
+        if self.staged_mapper(volume_id)?.is_some() {
+            return Ok(true);
+        }
+        let kind = self.driver.mappers().resolve(mapper);
+        let image = ImageRef {
+            pool: &vol.pool,
+            namespace: None,
+            image: &vol.image,
+        };
+        Ok(self.driver.mappers().find(kind, &image).await?.is_some())
+    }
+
+    /// The mapper of the volume's staging state on this node, if it is staged here.
+    fn staged_mapper(&self, volume_id: &str) -> Result<Option<MapperKind>, Status> {
+        Ok(self
+            .driver
+            .staged()?
+            .into_iter()
+            .find(|s| s.volume_id == volume_id)
+            .map(|s| s.mapping.mapper))
     }
 
     fn enter(&self, id: &str) -> Result<crate::volume::InFlightGuard, Status> {
@@ -125,6 +160,16 @@ impl node_server::Node for NodeService {
             .map(|c| c.monitors.clone())
             .unwrap_or_default();
         let _guard = self.enter(&r.volume_id)?;
+        // A bad path is refused before anything asks Ceph about the volume.
+        PathPolicy::new(self.driver.config().allowed_roots.clone())
+            .validate(&r.staging_target_path)?;
+        // A single-node volume is staged only once every other client has let go; a mapping
+        // of our own (a repeated stage, or one that a crash left behind) is not another client.
+        if access.exclusive && !self.mapped_here(&r.volume_id, &vol, mapper).await? {
+            self.volumes
+                .check_stage(&vol, &r.volume_id, &self.node_id, &creds)
+                .await?;
+        }
         self.driver
             .stage(StageRequest {
                 volume_id: r.volume_id.clone(),

@@ -5,12 +5,14 @@
 //! handover, two clusters sharing a pool) can never both publish a single-node volume. Volumes
 //! published by earlier versions keep their record in image metadata: it is read as before and
 //! moved into the attribute by the first write.
+//!
+//! NodeStage refuses a single-node volume that another Ceph client still watches.
 
 use super::registry::validate_node_id;
 use super::{Attachment, Controller, ATTACHMENTS_KEY};
 use crate::ceph::pool::with_ioctx;
 use crate::ceph::{CephError, Image, IoCtx};
-use crate::volume::Error;
+use crate::volume::{Credentials, Error, VolumeId};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 
@@ -238,6 +240,45 @@ impl Controller {
             Ok(None) => Err(contended(volume_id)),
             r => r.map(|_| ()).map_err(Error::ceph("unpublishing")),
         }
+    }
+
+    /// NodeStage of a single-node volume on `node`, before mapping: refuses while another
+    /// client watches the image (our own probe opens it read-only, which registers no watch),
+    /// or while the record has it published to another node.
+    pub async fn check_stage(
+        &self,
+        id: &VolumeId,
+        volume_id: &str,
+        node: &str,
+        creds: &Credentials,
+    ) -> Result<(), Error> {
+        let io = self.ioctx(&id.cluster_id, &id.pool, creds).await?;
+        let image = id.image.clone();
+        let (watchers, record) = with_ioctx(io, move |io| {
+            let img = io.open_image_read_only(&image)?;
+            let watchers = img.watchers()?;
+            let stored = load(io, &img, &img.header_object()?)?;
+            Ok((watchers, stored.record))
+        })
+        .await
+        .map_err(missing_or(volume_id, "checking who uses the image"))?;
+        if let Some(other) = record
+            .attachments
+            .iter()
+            .find(|a| a.exclusive && a.node != node)
+        {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is published to node {}, not to {node}",
+                other.node
+            )));
+        }
+        if !watchers.is_empty() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {volume_id} is still in use by another Ceph client ({}); a single-node volume is staged only once its previous user has let go",
+                watchers.join(", ")
+            )));
+        }
+        Ok(())
     }
 }
 
