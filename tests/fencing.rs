@@ -1,6 +1,6 @@
 //! Fencing of single-node volumes against a real Ceph cluster: the attachment record holds
-//! between two controller processes, and NodeStage refuses an image that another client still
-//! watches.
+//! between two controller processes, NodeStage refuses an image that another client still
+//! watches, and a volume force-moved to a new node blocklists the old node's client.
 
 mod common;
 
@@ -202,8 +202,11 @@ async fn a_record_in_image_metadata_from_an_earlier_version_fences_and_moves_on_
 
 use rook_rbd::ceph::rados::{ConnectParams, Connection};
 use rook_rbd::secret::Secret;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// Bound for calls that may start rbd-fuse or tear it down on a shared machine.
@@ -222,6 +225,50 @@ fn ceph_cli(c: &Cluster, program: &str, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// The attachment record as Ceph stores it: an attribute of the image's header object.
+fn record_of(c: &Cluster, image: &str) -> serde_json::Value {
+    let info: serde_json::Value =
+        serde_json::from_str(&c.rbd(&["info", "--format", "json", &format!("rbd/{image}")]))
+            .unwrap();
+    let header = format!("rbd_header.{}", info["id"].as_str().unwrap());
+    let out = ceph_cli(
+        c,
+        "rados",
+        &["-p", "rbd", "getxattr", &header, "rook-rbd.attachments"],
+    );
+    assert!(out.status.success(), "no record on {header}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn addrs_of(record: &serde_json::Value, list: &str, node: &str) -> Vec<String> {
+    record[list]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["node"] == node)
+                .map(|e| e["addr"].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn blocklist(c: &Cluster) -> String {
+    let out = ceph_cli(c, "ceph", &["osd", "blocklist", "ls"]);
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The image's first 4 KiB as Ceph has them, read past every node's caches.
+fn first_block(c: &Cluster, image: &str) -> Vec<u8> {
+    let out = ceph_cli(
+        c,
+        "rbd",
+        &["export", "--no-progress", &format!("rbd/{image}"), "-"],
+    );
+    assert!(out.status.success());
+    out.stdout[..4096].to_vec()
 }
 
 /// Another Ceph client with the image open read-write (which registers a watch). Fields drop
@@ -323,6 +370,10 @@ impl NodePlugin {
         self.d.path("kubelet/staging/v").display().to_string()
     }
 
+    fn target(&self) -> String {
+        self.d.path("kubelet/pods/p/dev").display().to_string()
+    }
+
     async fn stage(&self, c: &Cluster, volume_id: &str) -> Result<(), tonic::Status> {
         let req = proto::NodeStageVolumeRequest {
             volume_id: volume_id.into(),
@@ -349,6 +400,39 @@ impl NodePlugin {
             "NodeUnstage",
             SLOW,
             self.cl.node.clone().node_unstage_volume(req),
+        )
+        .await
+        .map(drop)
+    }
+
+    /// Publishes the staged raw block device; returns where it is.
+    async fn publish(&self, volume_id: &str) -> PathBuf {
+        let req = proto::NodePublishVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: self.staging(),
+            target_path: self.target(),
+            volume_capability: Some(cap_with_mode(true, Mode::SingleNodeWriter)),
+            ..Default::default()
+        };
+        within(
+            "NodePublish",
+            SLOW,
+            self.cl.node.clone().node_publish_volume(req),
+        )
+        .await
+        .unwrap();
+        PathBuf::from(self.target())
+    }
+
+    async fn unpublish(&self, volume_id: &str) -> Result<(), tonic::Status> {
+        let req = proto::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: self.target(),
+        };
+        within(
+            "NodeUnpublish",
+            SLOW,
+            self.cl.node.clone().node_unpublish_volume(req),
         )
         .await
         .map(drop)
@@ -422,11 +506,159 @@ async fn node_stage_of_a_single_node_volume_is_refused_while_another_client_watc
     assert_eq!(fuse_pids_under(node.d.root.path()).len(), 1);
     // A repeated stage: the watcher now is our own rbd-fuse, which does not count.
     node.stage(&c, &vol).await.unwrap();
+    assert_eq!(
+        addrs_of(&record_of(&c, &image), "clients", &node.id).len(),
+        1,
+        "the node recorded its client: {}",
+        record_of(&c, &image)
+    );
 
     node.unstage(&vol).await.unwrap();
+    assert!(addrs_of(&record_of(&c, &image), "clients", &node.id).is_empty());
     cl.controller
         .controller_unpublish_volume(unpublish_req(&c, &vol, &node.id))
         .await
         .unwrap();
     delete(&mut cl, &c, &vol).await;
+}
+
+/// What a writer on the old node saw: each round is one 4 KiB write plus fdatasync.
+enum Wrote {
+    Ok,
+    Failed(std::io::Error),
+}
+
+/// Writes `A`-blocks to the start of `dev` until told to stop, reporting every round.
+fn keep_writing(dev: PathBuf, stop: Arc<AtomicBool>) -> mpsc::Receiver<Wrote> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(&dev).unwrap();
+        while !stop.load(Ordering::Relaxed) {
+            let r = f.write_all_at(&[b'A'; 4096], 0).and_then(|_| f.sync_data());
+            let sent = tx.send(match r {
+                Ok(()) => Wrote::Ok,
+                Err(e) => Wrote::Failed(e),
+            });
+            if sent.is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    });
+    rx
+}
+
+/// Beyond ceph-csi: node A is lost while it writes to a single-node volume, the volume is
+/// force-detached and published to node B. The publish blocklists A's client first, so A's
+/// writes fail, B stages and writes, and nothing of A's lands on B's data; once A has unmapped,
+/// its NodeUnstage lifts the blocklist entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_force_moved_single_node_volume_fences_the_old_nodes_writes() {
+    let c = cluster_or_return!();
+    let ctl = Driver::start(&c, &["--controller"]);
+    let mut cl = ctl.client().await;
+    let a = NodePlugin::start(&c, "lost-a").await;
+    let b = NodePlugin::start(&c, "new-b").await;
+    let vol = create_block(&mut cl, &c, "moved").await;
+    let image = image_of(&vol);
+
+    cl.controller
+        .controller_publish_volume(publish_req(&c, &vol, &a.id, true))
+        .await
+        .unwrap();
+    a.stage(&c, &vol).await.unwrap();
+    let dev_a = a.publish(&vol).await;
+    let a_clients = addrs_of(&record_of(&c, &image), "clients", &a.id);
+    assert_eq!(a_clients.len(), 1, "{}", record_of(&c, &image));
+    let stop = Arc::new(AtomicBool::new(false));
+    let wrote = keep_writing(dev_a, stop.clone());
+    for _ in 0..3 {
+        match wrote.recv_timeout(Duration::from_secs(60)) {
+            Ok(Wrote::Ok) => {}
+            Ok(Wrote::Failed(e)) => panic!("A cannot write before the move: {e}"),
+            Err(e) => panic!("A's writer is stuck before the move: {e}"),
+        }
+    }
+
+    // A is lost to the orchestrator: force detach, then attach to B. A still writes.
+    cl.controller
+        .controller_unpublish_volume(unpublish_req(&c, &vol, &a.id))
+        .await
+        .unwrap();
+    cl.controller
+        .controller_publish_volume(publish_req(&c, &vol, &b.id, true))
+        .await
+        .unwrap();
+    let record = record_of(&c, &image);
+    assert_eq!(addrs_of(&record, "fenced", &a.id), a_clients, "{record}");
+    assert!(blocklist(&c).contains(&a_clients[0]), "{}", blocklist(&c));
+
+    // A's writes fail from now on.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let failure = loop {
+        assert!(
+            Instant::now() < deadline,
+            "A's writes still succeed 60 s after the volume moved to B"
+        );
+        match wrote.recv_timeout(Duration::from_secs(60)) {
+            Ok(Wrote::Ok) => continue,
+            Ok(Wrote::Failed(e)) => break e,
+            Err(_) => panic!("A's writer hangs after the move: no write finished within 60 s"),
+        }
+    };
+    eprintln!(
+        "A's write after the fence: {failure} ({:?})",
+        failure.raw_os_error()
+    );
+
+    // B stages once A's watch is gone (the OSDs drop a blocklisted client's watches).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match b.stage(&c, &vol).await {
+            Ok(()) => break,
+            Err(e) if e.code() == Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await
+            }
+            Err(e) => panic!("B cannot stage the moved volume: {e:?}"),
+        }
+    }
+    let dev_b = b.publish(&vol).await;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&dev_b)
+        .unwrap();
+    f.write_all_at(&[b'B'; 4096], 0).unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    // A keeps trying for a while; none of it may land.
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        if let Ok(Wrote::Ok) = wrote.recv_timeout(Duration::from_millis(200)) {
+            panic!("a write of the fenced node A succeeded after B took over");
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        first_block(&c, &image) == vec![b'B'; 4096],
+        "B's data was overwritten"
+    );
+
+    // A unmaps (its plugin comes back, or an operator cleans up): the entry is lifted.
+    a.unpublish(&vol).await.unwrap();
+    a.unstage(&vol).await.unwrap();
+    assert!(!blocklist(&c).contains(&a_clients[0]), "{}", blocklist(&c));
+    let record = record_of(&c, &image);
+    assert!(addrs_of(&record, "fenced", &a.id).is_empty(), "{record}");
+    assert!(addrs_of(&record, "clients", &a.id).is_empty(), "{record}");
+    assert_eq!(addrs_of(&record, "clients", &b.id).len(), 1, "{record}");
+
+    b.unpublish(&vol).await.unwrap();
+    b.unstage(&vol).await.unwrap();
+    cl.controller
+        .controller_unpublish_volume(unpublish_req(&c, &vol, &b.id))
+        .await
+        .unwrap();
+    delete(&mut cl, &c, &vol).await;
+    assert!(fuse_pids_under(a.d.root.path()).is_empty());
+    assert!(fuse_pids_under(b.d.root.path()).is_empty());
 }

@@ -26,7 +26,8 @@ pub struct NodeService {
     /// has the rbd module, which is the production case.
     pub default_mounter: String,
     pub inflight: InFlight,
-    /// The Ceph side of the single-node fence: who else holds an image.
+    /// The Ceph side of the single-node fence: who else holds an image, and this node's
+    /// clients on its attachment record.
     pub volumes: Arc<Controller>,
 }
 
@@ -104,6 +105,31 @@ impl NodeService {
             .map(|s| s.mapping.mapper))
     }
 
+    /// After an unstage: takes this node's clients off the attachment record, and lifts the
+    /// blocklist entries of those that were fenced. A krbd client is shared by every image the
+    /// kernel maps with it, so it may still serve others: its entry is left to expire.
+    /// Best effort: a stale entry only names a client that no longer exists.
+    async fn release(&self, volume_id: &str, mapper: MapperKind) {
+        let (Ok(vol), Some(creds)) = (self.volume(volume_id), self.default_creds.as_ref()) else {
+            return;
+        };
+        let lift = mapper != MapperKind::Krbd;
+        match self
+            .volumes
+            .release_stage(&vol, &self.node_id, creds, lift)
+            .await
+        {
+            Ok(lifted) => {
+                for addr in lifted {
+                    tracing::info!(volume.id = %volume_id, client = %addr, "lifted the blocklist entry of this node's fenced client, now unmapped");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(volume.id = %volume_id, error = %e, "could not take this node's client off the attachment record")
+            }
+        }
+    }
+
     fn enter(&self, id: &str) -> Result<crate::volume::InFlightGuard, Status> {
         self.inflight.try_enter(id).ok_or_else(|| {
             Status::aborted(format!(
@@ -177,18 +203,33 @@ impl node_server::Node for NodeService {
                 access: access_kind,
                 read_only,
                 map: MapRequest {
-                    pool: vol.pool,
+                    pool: vol.pool.clone(),
                     namespace: None,
-                    image: vol.image,
+                    image: vol.image.clone(),
                     monitors,
-                    user: creds.user,
-                    key: creds.key,
+                    user: creds.user.clone(),
+                    key: creds.key.clone(),
                     map_options: ctx.get("mapOptions").cloned().filter(|s| !s.is_empty()),
                     read_only,
                 },
                 mapper,
             })
             .await?;
+        if access.exclusive {
+            // Without the record a force move cannot fence this node; the volume still works,
+            // and the next node's NodeStage refuses while this node's client holds the image.
+            match self.volumes.record_stage(&vol, &self.node_id, &creds).await {
+                Ok(clients) if clients.is_empty() => {
+                    tracing::warn!(volume.id = %r.volume_id, "no client of this node watches the image; a force move cannot fence it")
+                }
+                Ok(clients) => {
+                    tracing::debug!(volume.id = %r.volume_id, ?clients, "recorded this node's clients")
+                }
+                Err(e) => {
+                    tracing::warn!(volume.id = %r.volume_id, error = %e, "could not record this node's client of the image; a force move cannot fence it")
+                }
+            }
+        }
         tracing::info!(volume.id = %r.volume_id, "volume staged");
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }
@@ -201,9 +242,13 @@ impl node_server::Node for NodeService {
         require(&r.volume_id, "volume_id")?;
         require(&r.staging_target_path, "staging_target_path")?;
         let _guard = self.enter(&r.volume_id)?;
+        let staged = self.staged_mapper(&r.volume_id)?;
         self.driver
             .unstage(&r.volume_id, &r.staging_target_path)
             .await?;
+        if let Some(mapper) = staged {
+            self.release(&r.volume_id, mapper).await;
+        }
         tracing::info!(volume.id = %r.volume_id, "volume unstaged");
         Ok(Response::new(proto::NodeUnstageVolumeResponse {}))
     }
