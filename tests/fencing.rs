@@ -444,16 +444,8 @@ impl Drop for NodePlugin {
         // Best effort, for a test that failed half-way; a passing test has left nothing.
         self.d.kill9();
         let root = self.d.root.path().to_path_buf();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        let mut points: Vec<&str> = mountinfo
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .filter(|m| Path::new(m).starts_with(&root))
-            .collect();
-        points.reverse();
-        for p in &points {
-            let _ = Command::new("umount").arg("-l").arg(p).status();
-        }
+        // Loops first: once the fuse mount is lazily detached, their backing path no longer
+        // shows that it lies under our root.
         let loops = Command::new("losetup")
             .args(["-nO", "NAME,BACK-FILE"])
             .output()
@@ -463,6 +455,16 @@ impl Drop for NodePlugin {
             if Path::new(file.trim()).starts_with(&root) {
                 let _ = Command::new("losetup").args(["-d", dev]).status();
             }
+        }
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mountinfo
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| Path::new(m).starts_with(&root))
+            .collect();
+        points.reverse();
+        for p in &points {
+            let _ = Command::new("umount").arg("-l").arg(p).status();
         }
         for pid in fuse_pids_under(&root) {
             // SAFETY: kill(2) of an rbd-fuse this plugin started (its command line names our root).
