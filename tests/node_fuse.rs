@@ -554,6 +554,7 @@ async fn fuse_unstage_gives_up_unwritten_data_only_when_asked_again_with_the_clu
     let dir = own.0.path().to_path_buf();
     let cluster = cluster_in(&dir);
     let clusters = rook_rbd::volume::ClusterConfig::load(&dir.join("cluster-config.json")).unwrap();
+    let clusters_for_volumes = clusters.clone();
     let cfg_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("cluster-config.json")).unwrap()).unwrap();
     let fsid = cfg_json[0]["clusterID"].as_str().unwrap().to_string();
@@ -573,6 +574,12 @@ async fn fuse_unstage_gives_up_unwritten_data_only_when_asked_again_with_the_clu
         default_creds: None,
         default_mounter: "fuse".into(),
         inflight: Default::default(),
+        volumes: std::sync::Arc::new(rook_rbd::volume::controller::Controller::new(
+            clusters_for_volumes,
+            std::sync::Arc::new(rook_rbd::ceph::ConnectionPool::new(Default::default())),
+            None,
+            Default::default(),
+        )),
     };
     node.stage(env.stage_request(&volume_id, &staging, ext4()))
         .await

@@ -277,3 +277,46 @@ extern "C" {
     ) -> c_int;
     pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num: size_t);
 }
+
+pub type rados_write_op_t = *mut libc::c_void;
+
+/// `rados_write_op_cmpxattr`: the stored value must equal the given one.
+pub const LIBRADOS_CMPXATTR_OP_EQ: u8 = 1;
+
+// Extended attributes, compound write operations and client addresses: the attachment record's
+// compare-and-swap and the blocklisting of fenced clients.
+#[link(name = "rados")]
+extern "C" {
+    pub fn rados_getxattr(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        name: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_create_write_op() -> rados_write_op_t;
+    pub fn rados_release_write_op(op: rados_write_op_t);
+    pub fn rados_write_op_assert_exists(op: rados_write_op_t);
+    pub fn rados_write_op_cmpxattr(
+        op: rados_write_op_t,
+        name: *const c_char,
+        comparison_operator: u8,
+        value: *const c_char,
+        value_len: size_t,
+    );
+    pub fn rados_write_op_setxattr(
+        op: rados_write_op_t,
+        name: *const c_char,
+        value: *const c_char,
+        value_len: size_t,
+    );
+    pub fn rados_write_op_operate(
+        op: rados_write_op_t,
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        mtime: *mut time_t,
+        flags: c_int,
+    ) -> c_int;
+    /// The session's addresses, as watchers and the blocklist show them; free with `free(3)`.
+    pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
+}

@@ -352,6 +352,11 @@ impl Connection {
         check("rados_mon_command", json, ret)?;
         Ok(data)
     }
+
+    /// The raw cluster handle, for wrappers in sibling modules; valid while `self` lives.
+    pub(crate) fn raw(&self) -> ffi::rados_t {
+        self.handle.0
+    }
 }
 
 fn set_conf(h: &ClusterHandle, k: &str, v: &str) -> Result<()> {

@@ -532,6 +532,12 @@ impl Image {
             return Ok(out);
         }
     }
+
+    /// The RADOS object that holds the image's header (format 2): it lives exactly as long as
+    /// the image, and clones and copies never inherit its attributes.
+    pub fn header_object(&self) -> Result<String> {
+        Ok(format!("rbd_header.{}", self.id()?))
+    }
 }
 
 /// Ceph's encoding of a string or buffer: a little-endian u32 length, then the bytes.

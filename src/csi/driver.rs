@@ -120,6 +120,7 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
                 default_creds: creds.clone(),
                 default_mounter: opts.default_mounter.clone(),
                 inflight,
+                volumes: controller.clone(),
             }))
         }
     };

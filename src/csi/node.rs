@@ -8,11 +8,13 @@
 use super::controller::check_capability;
 use super::proto::{self, node_server, node_service_capability as nsc, volume_capability};
 use super::require;
+use crate::node::mapper::ImageRef;
 use crate::node::step::{answerable, first_answer};
 use crate::node::{
-    AccessType, MapRequest, MapperChoice, MapperKind, NodeDriver, NodeError, PublishRequest,
-    StageRequest, VolumeAccess, VolumeUsage,
+    AccessType, MapRequest, MapperChoice, MapperKind, NodeDriver, NodeError, PathPolicy,
+    PublishRequest, StageRequest, VolumeAccess, VolumeUsage,
 };
+use crate::volume::controller::Controller;
 use crate::volume::params::MapperOptions;
 use crate::volume::{ClusterConfig, Credentials, InFlight, RunError, VolumeId};
 use std::collections::HashMap;
@@ -30,6 +32,9 @@ pub struct NodeService {
     /// has the rbd module, which is the production case.
     pub default_mounter: String,
     pub inflight: InFlight,
+    /// The Ceph side of the single-node fence: who else holds an image, and this node's
+    /// clients on its attachment record.
+    pub volumes: Arc<Controller>,
 }
 
 const CAPABILITIES: &[nsc::rpc::Type] = &[
@@ -78,9 +83,10 @@ impl NodeService {
 
     /// Runs `work` under the volume's key in a task of its own; answers with its outcome, or
     /// with DeadlineExceeded as soon as one of its steps overruns (the work goes on).
-    async fn run<T, W>(&self, id: &str, work: W) -> Result<T, Status>
+    async fn run<T, E, W>(&self, id: &str, work: W) -> Result<T, Status>
     where
-        W: Future<Output = Result<T, NodeError>> + Send + 'static,
+        W: Future<Output = Result<T, E>> + Send + 'static,
+        E: Into<Status> + Send + 'static,
         T: Send + 'static,
     {
         let (work, early) = answerable(work);
@@ -90,8 +96,19 @@ impl NodeService {
                 "an operation on volume {id} is already in progress on this node"
             ))),
             Ok(Err(lost)) => Err(crate::volume::Error::from(lost).into()),
-            Ok(Ok(done)) => done.map_err(Status::from),
+            Ok(Ok(done)) => done.map_err(Into::into),
         }
+    }
+
+    /// What an unstage needs to release this node's hold on the attachment record.
+    fn releaser(&self, volume_id: &str) -> Option<Release> {
+        Some(Release {
+            volumes: self.volumes.clone(),
+            vol: self.volume(volume_id).ok()?,
+            volume_id: volume_id.to_string(),
+            node_id: self.node_id.clone(),
+            creds: self.default_creds.clone()?,
+        })
     }
 
     /// The monitors of the volume's cluster, or none when that is unknown here.
@@ -124,6 +141,67 @@ fn not_here(e: NodeError, volume_id: &str, path: &str) -> NodeError {
             NodeError::NotFound(format!("volume {volume_id} is not at {path:?}"))
         }
         e => e,
+    }
+}
+
+/// Whether this node already maps the image: staged before, or mapped by a stage that crashed
+/// before it recorded its state.
+async fn mapped_here(
+    driver: &NodeDriver,
+    volume_id: &str,
+    vol: &VolumeId,
+    mapper: MapperChoice,
+) -> Result<bool, Status> {
+    if staged_mapper(driver, volume_id)?.is_some() {
+        return Ok(true);
+    }
+    let kind = driver.mappers().resolve(mapper);
+    let image = ImageRef {
+        pool: &vol.pool,
+        namespace: vol.namespace(),
+        image: &vol.image,
+    };
+    Ok(driver.mappers().find(kind, &image).await?.is_some())
+}
+
+/// The mapper of the volume's staging state on this node, if it is staged here.
+fn staged_mapper(driver: &NodeDriver, volume_id: &str) -> Result<Option<MapperKind>, Status> {
+    Ok(driver
+        .staged()?
+        .into_iter()
+        .find(|s| s.volume_id == volume_id)
+        .map(|s| s.mapping.mapper))
+}
+
+/// After an unstage: takes this node's clients off the attachment record, and lifts the
+/// blocklist entries of those that were fenced. A krbd client is shared by every image the
+/// kernel maps with it, so it may still serve others: its entry is left to expire.
+/// Best effort: a stale entry only names a client that no longer exists.
+struct Release {
+    volumes: Arc<Controller>,
+    vol: VolumeId,
+    volume_id: String,
+    node_id: String,
+    creds: Credentials,
+}
+
+impl Release {
+    async fn run(self, mapper: MapperKind) {
+        let lift = mapper != MapperKind::Krbd;
+        match self
+            .volumes
+            .release_stage(&self.vol, &self.node_id, &self.creds, lift)
+            .await
+        {
+            Ok(lifted) => {
+                for addr in lifted {
+                    tracing::info!(volume.id = %self.volume_id, client = %addr, "lifted the blocklist entry of this node's fenced client, now unmapped");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(volume.id = %self.volume_id, error = %e, "could not take this node's client off the attachment record")
+            }
+        }
     }
 }
 
@@ -164,25 +242,59 @@ impl node_server::Node for NodeService {
             .unwrap_or_default();
         let req = StageRequest {
             volume_id: r.volume_id.clone(),
-            staging_path: r.staging_target_path,
+            staging_path: r.staging_target_path.clone(),
             access: access_kind,
             read_only,
             map: MapRequest {
                 namespace: vol.namespace().map(String::from),
-                pool: vol.pool,
-                image: vol.image,
+                pool: vol.pool.clone(),
+                image: vol.image.clone(),
                 monitors,
-                user: creds.user,
-                key: creds.key,
+                user: creds.user.clone(),
+                key: creds.key.clone(),
                 map_options: options_by_mapper(ctx, "mapOptions")?,
                 unmap_options: options_by_mapper(ctx, "unmapOptions")?,
                 read_only,
             },
             mapper,
         };
-        let driver = self.driver.clone();
-        self.run(&r.volume_id, async move { driver.stage(req).await })
-            .await?;
+        // A bad path is refused before anything asks Ceph about the volume.
+        PathPolicy::new(self.driver.config().allowed_roots.clone())
+            .validate(&r.staging_target_path)?;
+        let exclusive = access.exclusive;
+        let (driver, volumes, node_id) = (
+            self.driver.clone(),
+            self.volumes.clone(),
+            self.node_id.clone(),
+        );
+        let id = r.volume_id.clone();
+        self.run(&r.volume_id, async move {
+            // A single-node volume is staged only once every other client has let go; a mapping
+            // of our own (a repeated stage, or one that a crash left behind) is not another
+            // client.
+            if exclusive && !mapped_here(&driver, &id, &vol, mapper).await? {
+                volumes.check_stage(&vol, &id, &node_id, &creds).await?;
+            }
+            driver.stage(req).await?;
+            if exclusive {
+                // Without the record a force move cannot fence this node; the volume still
+                // works, and the next node's NodeStage refuses while this node's client holds
+                // the image.
+                match volumes.record_stage(&vol, &node_id, &creds).await {
+                    Ok(clients) if clients.is_empty() => {
+                        tracing::warn!(volume.id = %id, "no client of this node watches the image; a force move cannot fence it")
+                    }
+                    Ok(clients) => {
+                        tracing::debug!(volume.id = %id, ?clients, "recorded this node's clients")
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume.id = %id, error = %e, "could not record this node's client of the image; a force move cannot fence it")
+                    }
+                }
+            }
+            Ok::<(), Status>(())
+        })
+        .await?;
         tracing::info!(volume.id = %r.volume_id, "volume staged");
         Ok(Response::new(proto::NodeStageVolumeResponse {}))
     }
@@ -195,12 +307,17 @@ impl node_server::Node for NodeService {
         require(&r.volume_id, "volume_id")?;
         require(&r.staging_target_path, "staging_target_path")?;
         let driver = self.driver.clone();
+        let release = self.releaser(&r.volume_id);
         let (id, staging) = (r.volume_id.clone(), r.staging_target_path);
         let done = self
-            .run(
-                &r.volume_id,
-                async move { driver.unstage(&id, &staging).await },
-            )
+            .run(&r.volume_id, async move {
+                let staged = staged_mapper(&driver, &id)?;
+                driver.unstage(&id, &staging).await?;
+                if let (Some(mapper), Some(release)) = (staged, release) {
+                    release.run(mapper).await;
+                }
+                Ok::<(), Status>(())
+            })
             .await;
         if let Err(e) = &done {
             if e.code() == tonic::Code::Aborted {

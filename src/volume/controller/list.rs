@@ -23,7 +23,7 @@ impl Controller {
         let image = id.image.clone();
         let (size, attachments) = with_ioctx(io, move |io| {
             let img = io.open_image_read_only(&image)?;
-            Ok((img.size()?, read_attachments(&img)?))
+            Ok((img.size()?, read_attachments(io, &img)?))
         })
         .await
         .map_err(|e| {
@@ -137,7 +137,7 @@ impl Controller {
                         };
                         out.push(VolumeInfo {
                             size: img.size()?,
-                            attachments: read_attachments(&img)?,
+                            attachments: read_attachments(&io, &img)?,
                             id,
                         });
                     }
