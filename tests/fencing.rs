@@ -647,7 +647,22 @@ async fn a_force_moved_single_node_volume_fences_the_old_nodes_writes() {
 
     // A unmaps (its plugin comes back, or an operator cleans up): the entry is lifted.
     a.unpublish(&vol).await.unwrap();
-    a.unstage(&vol).await.unwrap();
+    // Its rbd-fuse cannot flush to the cluster any more, so the first unstage waits out its
+    // unmount; kubelet asks again, and a fenced node's mapping is then torn down (what it held
+    // is lost already: the blocklist refused it).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        match a.unstage(&vol).await {
+            Ok(()) => break,
+            Err(e)
+                if matches!(e.code(), Code::DeadlineExceeded | Code::Aborted)
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            }
+            Err(e) => panic!("unstage of the fenced node: {e:?}"),
+        }
+    }
     assert!(!blocklist(&c).contains(&a_clients[0]), "{}", blocklist(&c));
     let record = record_of(&c, &image);
     assert!(addrs_of(&record, "fenced", &a.id).is_empty(), "{record}");

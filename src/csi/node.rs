@@ -100,6 +100,21 @@ impl NodeService {
         }
     }
 
+    /// Whether this node's client of the volume was fenced by a force move (so its unwritten
+    /// data is lost already). Unknown counts as no.
+    async fn fenced_here(&self, volume_id: &str) -> bool {
+        let (Ok(vol), Some(creds)) = (self.volume(volume_id), self.default_creds.as_ref()) else {
+            return false;
+        };
+        match self.volumes.fenced_on(&vol, &self.node_id, creds).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(volume.id = %volume_id, error = %e, "could not read whether this node's client was fenced");
+                false
+            }
+        }
+    }
+
     /// What an unstage needs to release this node's hold on the attachment record.
     fn releaser(&self, volume_id: &str) -> Option<Release> {
         Some(Release {
@@ -322,8 +337,9 @@ impl node_server::Node for NodeService {
         if let Err(e) = &done {
             if e.code() == tonic::Code::Aborted {
                 let monitors = self.monitors_of(&r.volume_id);
+                let fenced = self.fenced_here(&r.volume_id).await;
                 self.driver
-                    .unstage_asked_again(&r.volume_id, &monitors)
+                    .unstage_asked_again(&r.volume_id, &monitors, fenced)
                     .await;
             }
         }

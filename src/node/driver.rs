@@ -705,8 +705,15 @@ impl NodeDriver {
     /// key). Once it has waited past the unmount deadline, each such call counts; after
     /// `force_unstage_after` of them, and only if no monitor of `monitors` answers, the
     /// mapping's I/O path is broken so that the stuck teardown fails and ends. That loses what
-    /// was not written yet, and is logged as data loss. Returns whether it forced.
-    pub async fn unstage_asked_again(&self, volume_id: &str, monitors: &[String]) -> bool {
+    /// was not written yet, and is logged as data loss. When this node's client was `fenced`
+    /// (blocklisted: nothing it holds can ever be written), it is forced at the first retry.
+    /// Returns whether it forced.
+    pub async fn unstage_asked_again(
+        &self,
+        volume_id: &str,
+        monitors: &[String],
+        fenced: bool,
+    ) -> bool {
         let (mapping, staging, retries, waited) = {
             let mut records = self.unstaging.lock().unwrap();
             let Some(u) = records.get_mut(volume_id) else {
@@ -716,7 +723,7 @@ impl NodeDriver {
                 return false;
             }
             u.retries += 1;
-            if u.retries < self.config.force_unstage_after {
+            if !fenced && u.retries < self.config.force_unstage_after {
                 tracing::warn!(volume.id = %volume_id, retries = u.retries, waited = ?u.since.elapsed(), "unstage still waits for its unmount; not forcing yet");
                 return false;
             }
@@ -727,7 +734,10 @@ impl NodeDriver {
                 u.since.elapsed(),
             )
         };
-        let reach = reach::monitors(monitors, Duration::from_secs(3)).await;
+        let reach = match fenced {
+            true => Reach::Unreachable,
+            false => reach::monitors(monitors, Duration::from_secs(3)).await,
+        };
         if reach != Reach::Unreachable {
             tracing::warn!(volume.id = %volume_id, ?reach, retries, "unstage still waits for its unmount; not forcing: the cluster is not provably gone");
             return false;
@@ -743,7 +753,9 @@ impl NodeDriver {
             mapper = %mapping.mapper,
             retries,
             ?waited,
-            "DATA LOSS: forcing unstage: no monitor answers and the unmount has waited through {retries} retries; writes to the volume that had not reached the cluster (dirty pages of its filesystem, the mapper's cache) are dropped"
+            fenced,
+            "DATA LOSS: forcing unstage: the unmount waited through {retries} retries and {}; writes to the volume that had not reached the cluster (dirty pages of its filesystem, the mapper's cache) are dropped",
+            if fenced { "this node's client is fenced from the image (it moved to another node)" } else { "no monitor answers" }
         );
         if let Err(e) = self.mappers.force(&mapping).await {
             tracing::error!(volume.id = %volume_id, error = %e, "forcing the mapping failed");

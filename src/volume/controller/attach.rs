@@ -438,6 +438,26 @@ impl Controller {
         recorded.ok_or_else(|| contended(&id.image))
     }
 
+    /// Whether a client of `node` was fenced from the image (blocklisted when the volume moved
+    /// on): its writes can never reach the cluster again, so nothing is lost by tearing its
+    /// mapping down at once.
+    pub async fn fenced_on(
+        &self,
+        id: &VolumeId,
+        node: &str,
+        creds: &Credentials,
+    ) -> Result<bool, Error> {
+        let io = self.volume_ioctx(id, creds).await?;
+        let (image, node) = (id.image.clone(), node.to_string());
+        with_ioctx(io, move |io| {
+            let img = io.open_image_read_only(&image)?;
+            let record = load(io, &img, &img.header_object()?)?.record;
+            Ok(record.fenced.iter().any(|f| f.node == node))
+        })
+        .await
+        .map_err(Error::ceph("reading the attachment record"))
+    }
+
     /// NodeUnstage on `node`, once its mapping is torn down: takes its clients off the record
     /// and, when `lift` (the mapper's client served only this image, so it is gone now), lifts
     /// the blocklist entries of its fenced ones. Returns the lifted addresses.
