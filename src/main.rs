@@ -133,6 +133,11 @@ struct CsiArgs {
     /// view of the host's paths differs from kubelet's).
     #[arg(long)]
     kubelet_registration_path: Option<PathBuf>,
+    /// The cgroup, at the root of every cgroup hierarchy, that the rbd-fuse and rbd-nbd daemons
+    /// run in, so they outlive the plugin's container; `none` leaves them in the plugin's
+    /// cgroups, and they die with it.
+    #[arg(long, env = "MAPPER_CGROUP", default_value = rook_rbd::node::mapper::cgroup::DEFAULT_MAPPER_CGROUP)]
+    mapper_cgroup: rook_rbd::node::mapper::CgroupSetting,
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
@@ -201,6 +206,7 @@ fn main() -> std::process::ExitCode {
                     default_mounter: a.default_mounter,
                     registration_dir: a.registration_dir,
                     kubelet_registration_path: a.kubelet_registration_path,
+                    mapper_cgroup: a.mapper_cgroup,
                 })
                 .await
             }

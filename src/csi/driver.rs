@@ -36,6 +36,7 @@ pub struct DriverOptions {
     pub default_mounter: String,
     pub registration_dir: Option<PathBuf>,
     pub kubelet_registration_path: Option<PathBuf>,
+    pub mapper_cgroup: crate::node::mapper::CgroupSetting,
 }
 
 pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
@@ -108,6 +109,7 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
             });
             let mut cfg = NodeConfig::new(opts.node_id.clone().unwrap_or_default(), state_dir);
             cfg.key_dir = opts.key_dir.clone();
+            cfg.mapper_cgroup = opts.mapper_cgroup.clone();
             cfg.allowed_roots = std::iter::once(opts.kubelet_dir.clone())
                 .chain(opts.extra_roots.iter().cloned())
                 .collect();

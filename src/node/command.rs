@@ -5,6 +5,7 @@
 //! 0600 key files, see [`crate::node::mapper::KeyFile`]).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -22,6 +23,9 @@ pub struct CommandSpec {
     /// Never kill it (mkfs, fsck, resize, umount): past the deadline the caller is answered
     /// and the command is still awaited, see [`crate::node::step::to_end`].
     pub must_finish: bool,
+    /// `cgroup.procs` files the child joins before exec (mapper daemons leave the plugin's
+    /// cgroups, see [`crate::node::mapper::cgroup`]).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl CommandSpec {
@@ -32,6 +36,7 @@ impl CommandSpec {
             env: Vec::new(),
             own_process_group: false,
             must_finish: false,
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -56,6 +61,12 @@ impl CommandSpec {
 
     pub fn detached(mut self) -> Self {
         self.own_process_group = true;
+        self
+    }
+
+    /// Starts the command in these cgroups (their `cgroup.procs` files) instead of ours.
+    pub fn in_cgroups(mut self, procs: Vec<PathBuf>) -> Self {
+        self.cgroup_procs = procs;
         self
     }
 
@@ -110,11 +121,16 @@ pub async fn run(spec: &CommandSpec, timeout: Duration) -> Result<CommandOutput,
     if spec.own_process_group {
         cmd.process_group(0);
     }
-    tracing::debug!(command = %spec, "running");
-    let child = cmd.spawn().map_err(|source| NodeError::CommandSpawn {
+    let spawn_error = |source| NodeError::CommandSpawn {
         program: spec.program.clone(),
         source,
-    })?;
+    };
+    if !spec.cgroup_procs.is_empty() {
+        super::mapper::cgroup::join_before_exec(&mut cmd, &spec.cgroup_procs)
+            .map_err(spawn_error)?;
+    }
+    tracing::debug!(command = %spec, "running");
+    let child = cmd.spawn().map_err(spawn_error)?;
     let done = if spec.must_finish {
         super::step::to_end(&spec.program, timeout, child.wait_with_output()).await
     } else {

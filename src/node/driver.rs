@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::fs::{self, FsStats, FsType, Probe};
 use super::mapper::{
-    AutoProbe, ImageRef, KeyDir, MapRequest, MapperChoice, MapperConfig, MapperKind, Mappers,
-    Mapping,
+    AutoProbe, CgroupSetting, ImageRef, KeyDir, MapRequest, MapperCgroup, MapperChoice,
+    MapperConfig, MapperKind, Mappers, Mapping,
 };
 use super::mount::{self, MountOptions, MountTable};
 use super::paths::PathPolicy;
@@ -115,6 +115,8 @@ pub struct NodeConfig {
     /// only once the caller asked again this many times.
     pub force_unstage_after: u32,
     pub auto_probe: AutoProbe,
+    /// Where rbd-fuse and rbd-nbd run, so they outlive the plugin's container.
+    pub mapper_cgroup: CgroupSetting,
 }
 
 impl NodeConfig {
@@ -131,6 +133,7 @@ impl NodeConfig {
             // kubelet backs off from 0.5 s, doubling up to about 2 min: some 4 min of retries.
             force_unstage_after: 10,
             auto_probe: AutoProbe::default(),
+            mapper_cgroup: CgroupSetting::default(),
         }
     }
 }
@@ -188,6 +191,7 @@ impl NodeDriver {
                 command_timeout: config.command_timeout,
                 fuse_connect_timeout: config.fuse_connect_timeout,
                 unmount_timeout: config.unmount_timeout,
+                cgroup: MapperCgroup::prepare(&config.mapper_cgroup).map(std::sync::Arc::new),
             },
             config.auto_probe.clone(),
         );

@@ -9,7 +9,8 @@
 //! `rados_conf_parse_env`.
 //! It daemonizes itself (setsid) once mounted and connects afterwards, in FUSE's init; until
 //! that returns every access to the mount point blocks, so all waits here are bounded.
-//! The daemon is deliberately not tied to the plugin: published mounts outlive a plugin restart.
+//! The daemon is deliberately not tied to the plugin (own session, the mappers' cgroup): published
+//! mounts outlive a restart of the plugin and of its container.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -184,10 +185,12 @@ impl FuseMapper {
         mountpoint: &Path,
         file: &Path,
     ) -> Result<(), NodeError> {
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
+        let spec = self
+            .config
+            .daemon(fuse_command(req, keyfile.path(), mountpoint)?)?;
         ensure_private_dir(&self.fuse_root())?;
         ensure_private_dir(mountpoint)?;
-        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
-        let spec = fuse_command(req, keyfile.path(), mountpoint)?;
         tracing::info!(command = %spec, "starting rbd-fuse");
         if let Err(e) = command::run_ok(&spec, self.config.command_timeout).await {
             self.discard(mountpoint).await;
@@ -517,6 +520,7 @@ mod tests {
             command_timeout: Duration::from_secs(1),
             fuse_connect_timeout: Duration::from_secs(1),
             unmount_timeout: Duration::from_secs(1),
+            cgroup: None,
         });
         let a = ImageRef {
             pool: "rbd",

@@ -3,8 +3,11 @@
 //!
 //! Credentials reach the tools only through a [`KeyFile`] (mode 0600, created exclusively in a 0700
 //! memory-backed directory, deleted right after use) and `--keyfile`; never through argv or logs.
+//! The daemons (rbd-fuse, rbd-nbd) start in the mappers' cgroup, outside the plugin container's
+//! (see [`cgroup`]), so they outlive it.
 
 pub mod auto;
+pub mod cgroup;
 pub mod fuse;
 pub mod keyfile;
 pub mod krbd;
@@ -14,14 +17,17 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::command::CommandSpec;
 use super::NodeError;
 use crate::secret::Secret;
 
 pub use auto::AutoProbe;
+pub use cgroup::{CgroupSetting, MapperCgroup};
 pub use fuse::FuseMapper;
 pub use keyfile::{KeyDir, KeyFile};
 pub use krbd::KrbdMapper;
@@ -217,6 +223,18 @@ pub struct MapperConfig {
     pub fuse_connect_timeout: Duration,
     /// How long an unmount of a fuse mount point may block before it is forced.
     pub unmount_timeout: Duration,
+    /// Where the daemons run; `None`: in the plugin's own cgroups.
+    pub cgroup: Option<Arc<MapperCgroup>>,
+}
+
+impl MapperConfig {
+    /// A daemon's command, started outside the plugin's cgroups when there is a mappers' cgroup.
+    pub(crate) fn daemon(&self, spec: CommandSpec) -> Result<CommandSpec, NodeError> {
+        Ok(match &self.cgroup {
+            Some(cg) => spec.in_cgroups(cg.procs_files()?),
+            None => spec,
+        })
+    }
 }
 
 /// All mappers, dispatching on [`MapperKind`].

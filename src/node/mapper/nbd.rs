@@ -1,8 +1,8 @@
 //! rbd-nbd: librbd in a user-space daemon behind the kernel's nbd driver.
 //!
 //! The test machine's kernel has no `nbd` module, so only command construction and output parsing
-//! are unit-tested here. The daemon is started in its own process group so it survives a restart
-//! of the plugin.
+//! are unit-tested here. The daemon is started in its own process group and in the mappers'
+//! cgroup, so it survives a restart of the plugin and of its container.
 
 use std::path::Path;
 
@@ -22,6 +22,11 @@ pub struct NbdMapper {
 impl NbdMapper {
     pub fn new(config: MapperConfig) -> Self {
         Self { config }
+    }
+
+    /// [`map_command`], started in the mappers' cgroup.
+    fn map_spec(&self, req: &MapRequest, keyfile: &Path) -> Result<CommandSpec, NodeError> {
+        self.config.daemon(map_command(req, keyfile))
     }
 }
 
@@ -74,7 +79,7 @@ impl Mapper for NbdMapper {
             return Ok(Mapping { unmap_options, ..m });
         }
         let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
-        let spec = map_command(req, keyfile.path());
+        let spec = self.map_spec(req, keyfile.path())?;
         let out = command::run_ok(&spec, self.config.command_timeout).await?;
         drop(keyfile);
         let device = parse_device("rbd-nbd", &out.stdout)?;
@@ -166,6 +171,47 @@ mod tests {
                 "--try-netlink"
             ]
         );
+    }
+
+    #[test]
+    fn the_daemon_starts_in_the_mappers_cgroup_of_every_hierarchy() {
+        use crate::node::mapper::cgroup::{hierarchies, MapperCgroup};
+        use crate::node::mount::MountTable;
+        use std::sync::Arc;
+        use std::time::Duration;
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("cpu"), tmp.path().join("unified"));
+        let table = MountTable::parse(&format!(
+            "1 0 0:1 / {} rw - cgroup cgroup rw,cpu\n2 0 0:2 / {} rw - cgroup2 cgroup2 rw\n",
+            a.display(),
+            b.display()
+        ))
+        .unwrap();
+        for d in [&a, &b] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let (found, _) = hierarchies(&table);
+        let config = |cgroup| MapperConfig {
+            state_dir: tmp.path().into(),
+            key_dir: tmp.path().into(),
+            command_timeout: Duration::from_secs(1),
+            fuse_connect_timeout: Duration::from_secs(1),
+            unmount_timeout: Duration::from_secs(1),
+            cgroup,
+        };
+        let cg = Arc::new(MapperCgroup::in_hierarchies("m", found));
+        let spec = NbdMapper::new(config(Some(cg)))
+            .map_spec(&sample_request(), Path::new("/k"))
+            .unwrap();
+        assert_eq!(
+            spec.cgroup_procs,
+            [a.join("m/cgroup.procs"), b.join("m/cgroup.procs")]
+        );
+        assert!(spec.own_process_group);
+        let spec = NbdMapper::new(config(None))
+            .map_spec(&sample_request(), Path::new("/k"))
+            .unwrap();
+        assert!(spec.cgroup_procs.is_empty());
     }
 
     #[test]
