@@ -254,6 +254,7 @@ cmd_up() {
   "${NS[@]}" ip addr add "$NODE_IP/32" dev lo
   "${NS[@]}" sysctl -qw net.ipv4.ip_forward=1
   # kubelet's root: a shared bind mount, so the node plugin's Bidirectional mounts come back.
+  [[ -e /lib/modules ]] || touch "$RUN/lib-modules-absent"
   mkdir -p "$KUBELET_DIR"
   if ! grep -q " $KUBELET_DIR " /proc/self/mountinfo; then
     mount --bind "$KUBELET_DIR" "$KUBELET_DIR"
@@ -338,6 +339,10 @@ cmd_down() {
     rmdir /run/containerd/runc /run/containerd 2>/dev/null || true
   fi
   rm -rf /var/lib/cni/results/rook-rbd-e2e-* 2>/dev/null || true
+  # The node plugin's mappers cgroup (one per host, kept while empty, like a systemd slice).
+  rmdir /sys/fs/cgroup/*/rook-rbd-mappers 2>/dev/null || true
+  # hostPath DirectoryOrCreate of the node plugin, on a host without modules.
+  [[ -f $RUN/lib-modules-absent ]] && rmdir /lib/modules 2>/dev/null || true
   if ! grep -q " $KUBELET_DIR[/ ]" /proc/self/mountinfo; then
     rm -rf "$KUBELET_DIR"
   fi
