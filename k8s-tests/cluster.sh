@@ -141,6 +141,9 @@ cgroupDriver: cgroupfs
 containerRuntimeEndpoint: unix://$RUN/containerd.sock
 failSwapOn: false
 resolvConf: $RUN/resolv.conf
+# No DNS server runs; a cluster DNS address keeps pods on the ClusterFirst policy (lookups fail).
+clusterDNS: [10.96.0.10]
+clusterDomain: cluster.local
 podLogsDir: $RUN/pod-logs
 volumePluginDir: $RUN/flex
 serializeImagePulls: false

@@ -59,7 +59,7 @@ base_images() {
   # debian:bookworm-slim: a minbase root, as the official slim image is.
   nice -n 10 mmdebstrap --quiet --variant=minbase --mode=root --format=tar "${hooks[@]}" \
     --include=ca-certificates bookworm "$W/debian-slim.tar" "$W/apt.sources"
-  podman import --change 'CMD ["bash"]' "$W/debian-slim.tar" docker.io/library/debian:bookworm-slim >/dev/null
+  podman import -q --change 'CMD ["bash"]' "$W/debian-slim.tar" docker.io/library/debian:bookworm-slim >/dev/null
   # rust:1-bookworm: the official image is buildpack-deps (gcc, make, git, curl, ...) plus
   # rustup's toolchain in /usr/local/rustup and /usr/local/cargo. Ours: gcc and friends, and
   # this machine's stable toolchain, at the same paths.
@@ -92,7 +92,7 @@ binary_image() {
   dir=$(mktemp -d)
   cp "$bin" "$dir/"
   tar -C "$dir" -cf "$dir.tar" .
-  podman import --change "ENTRYPOINT [\"/$(basename "$bin")\"]" "$dir.tar" "$name" >/dev/null
+  podman import -q --change "ENTRYPOINT [\"/$(basename "$bin")\"]" "$dir.tar" "$name" >/dev/null
   rm -rf "$dir" "$dir.tar"
   touch "$W/stamp-${name//[\/:]/_}"
 }
@@ -108,7 +108,7 @@ busybox_image() {
   echo 'root:x:0:' >"$dir/etc/group"
   echo 'nobody:x:65534:65534:nobody:/:/bin/false' >>"$dir/etc/passwd"
   tar -C "$dir" -cf "$dir.tar" .
-  podman import --change 'CMD ["sh"]' "$dir.tar" docker.io/library/busybox:1.36 >/dev/null
+  podman import -q --change 'CMD ["sh"]' "$dir.tar" docker.io/library/busybox:1.36 >/dev/null
   rm -rf "$dir" "$dir.tar"
 }
 
@@ -120,7 +120,7 @@ pause_image() {
   gcc -Os -static -DVERSION=3.10.1 -o "$dir/pause" "$kdir/build/pause/linux/pause.c"
   strip "$dir/pause"
   tar -C "$dir" -cf "$dir.tar" .
-  podman import --change 'ENTRYPOINT ["/pause"]' "$dir.tar" registry.k8s.io/pause:3.10.1 >/dev/null
+  podman import -q --change 'ENTRYPOINT ["/pause"]' "$dir.tar" registry.k8s.io/pause:3.10.1 >/dev/null
   rm -rf "$dir" "$dir.tar"
 }
 
