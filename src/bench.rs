@@ -1179,7 +1179,7 @@ impl Floor {
             opts: ImageOptions {
                 features,
                 data_pool: params.get("dataPool").cloned(),
-                order: None,
+                ..Default::default()
             },
             monitors: entry.monitors.clone(),
             user,

@@ -97,6 +97,11 @@ struct CsiArgs {
     /// Node state (staging records, fuse mountpoints). Default: <kubelet-dir>/plugins/<driver-name>/state.
     #[arg(long, env = "STATE_DIR")]
     state_dir: Option<PathBuf>,
+    /// A tmpfs or ramfs directory for the key files the mappers read, so keys never touch
+    /// the disk. Default: /run/rook-rbd, else /dev/shm/rook-rbd (the state dir, with a
+    /// warning, when neither is memory-backed).
+    #[arg(long, env = "KEY_DIR")]
+    key_dir: Option<PathBuf>,
     /// Serve /metrics (Prometheus), /livez, /readyz and /healthz on this address, e.g. :8080.
     #[arg(long, env = "METRICS_ADDRESS")]
     metrics_address: Option<String>,
@@ -132,6 +137,11 @@ struct CsiArgs {
     /// view of the host's paths differs from kubelet's).
     #[arg(long)]
     kubelet_registration_path: Option<PathBuf>,
+    /// The cgroup, at the root of every cgroup hierarchy, that the rbd-fuse and rbd-nbd daemons
+    /// run in, so they outlive the plugin's container; `none` leaves them in the plugin's
+    /// cgroups, and they die with it.
+    #[arg(long, env = "MAPPER_CGROUP", default_value = rook_rbd::node::mapper::cgroup::DEFAULT_MAPPER_CGROUP)]
+    mapper_cgroup: rook_rbd::node::mapper::CgroupSetting,
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
@@ -184,6 +194,7 @@ fn main() -> std::process::ExitCode {
                     kubelet_dir: a.kubelet_dir,
                     extra_roots: a.allowed_roots,
                     state_dir: a.state_dir,
+                    key_dir: a.key_dir,
                     timeouts: CephTimeouts {
                         osd_op: Duration::from_secs(a.rados_osd_op_timeout),
                         mon_op: Duration::from_secs(a.rados_mon_op_timeout),
@@ -200,6 +211,7 @@ fn main() -> std::process::ExitCode {
                     default_mounter: a.default_mounter,
                     registration_dir: a.registration_dir,
                     kubelet_registration_path: a.kubelet_registration_path,
+                    mapper_cgroup: a.mapper_cgroup,
                 })
                 .await
             }

@@ -4,8 +4,10 @@
 //! `pool` keeps one connection per (cluster, user), replaces the ones that are fenced, stuck or
 //! idle, and runs every blocking call on tokio's blocking thread pool, never on its async workers.
 
+pub mod blocklist;
 pub mod ffi;
 pub mod health;
+pub mod object;
 pub mod pool;
 pub mod rados;
 pub mod rbd;

@@ -152,10 +152,10 @@ pub struct ConnectParams {
     pub mount_timeout: Duration,
 }
 
-/// A connected cluster, with a cache of I/O contexts per pool.
+/// A connected cluster, with a cache of I/O contexts per pool and RADOS namespace.
 pub struct Connection {
     handle: Arc<ClusterHandle>,
-    ioctxs: Mutex<HashMap<String, Arc<IoCtx>>>,
+    ioctxs: Mutex<HashMap<(String, String), Arc<IoCtx>>>,
     fsid: String,
     health: Arc<ConnHealth>,
 }
@@ -258,17 +258,26 @@ impl Connection {
         &self.health
     }
 
-    /// The I/O context for a pool if one was created before; never blocks.
-    pub fn cached_ioctx(&self, pool: &str) -> Option<Arc<IoCtx>> {
-        self.ioctxs.lock().unwrap().get(pool).cloned()
+    /// The I/O context for a pool and namespace (empty: the default one) if one was created
+    /// before; never blocks.
+    pub fn cached_ioctx(&self, pool: &str, namespace: &str) -> Option<Arc<IoCtx>> {
+        let key = (pool.to_string(), namespace.to_string());
+        self.ioctxs.lock().unwrap().get(&key).cloned()
     }
 
-    /// The I/O context for a pool, created once and then shared.
+    /// The I/O context for a pool's default namespace, created once and then shared.
     pub fn ioctx(&self, pool: &str) -> Result<Arc<IoCtx>> {
-        if let Some(io) = self.ioctxs.lock().unwrap().get(pool) {
-            return Ok(io.clone());
+        self.ioctx_in(pool, "")
+    }
+
+    /// The I/O context for a pool and RADOS namespace, created once and then shared. The
+    /// namespace is fixed for its life: a shared context must never switch.
+    pub fn ioctx_in(&self, pool: &str, namespace: &str) -> Result<Arc<IoCtx>> {
+        if let Some(io) = self.cached_ioctx(pool, namespace) {
+            return Ok(io);
         }
         let name = cstr("rados_ioctx_create", pool)?;
+        let ns = cstr("rados_ioctx_set_namespace", namespace)?;
         let mut raw: ffi::rados_ioctx_t = ptr::null_mut();
         check("rados_ioctx_create", pool, unsafe {
             ffi::rados_ioctx_create(self.handle.0, name.as_ptr(), &mut raw)
@@ -276,11 +285,29 @@ impl Connection {
         let io = Arc::new(IoCtx(Arc::new(IoHandle {
             raw,
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
             health: self.health.clone(),
             _cluster: self.handle.clone(),
         })));
+        if !namespace.is_empty() {
+            unsafe { ffi::rados_ioctx_set_namespace(io.raw(), ns.as_ptr()) };
+            // librados accepts any namespace name; only RBD's registry knows the real ones.
+            let mut exists = false;
+            let spec = io.location();
+            check("rbd_namespace_exists", &spec, unsafe {
+                io.seen(ffi::rbd_namespace_exists(
+                    io.raw(),
+                    ns.as_ptr(),
+                    &mut exists,
+                ))
+            })?;
+            if !exists {
+                return Err(CephError::new("rbd_namespace_exists", &spec, -libc::ENOENT));
+            }
+        }
         let mut map = self.ioctxs.lock().unwrap();
-        Ok(map.entry(pool.to_string()).or_insert(io).clone())
+        let key = (pool.to_string(), namespace.to_string());
+        Ok(map.entry(key).or_insert(io).clone())
     }
 
     pub fn cached_pools(&self) -> usize {
@@ -325,6 +352,11 @@ impl Connection {
         check("rados_mon_command", json, ret)?;
         Ok(data)
     }
+
+    /// The raw cluster handle, for wrappers in sibling modules; valid while `self` lives.
+    pub(crate) fn raw(&self) -> ffi::rados_t {
+        self.handle.0
+    }
 }
 
 fn set_conf(h: &ClusterHandle, k: &str, v: &str) -> Result<()> {
@@ -344,6 +376,7 @@ pub struct IoCtx(Arc<IoHandle>);
 pub(crate) struct IoHandle {
     raw: ffi::rados_ioctx_t,
     pool: String,
+    namespace: String,
     pub(crate) health: Arc<ConnHealth>,
     _cluster: Arc<ClusterHandle>,
 }
@@ -358,8 +391,12 @@ impl Drop for IoHandle {
 }
 
 impl IoHandle {
+    /// `pool/name` or `pool/namespace/name`, for messages.
     pub(crate) fn target(&self, name: &str) -> String {
-        format!("{}/{}", self.pool, name)
+        match self.namespace.as_str() {
+            "" => format!("{}/{}", self.pool, name),
+            ns => format!("{}/{ns}/{}", self.pool, name),
+        }
     }
 
     /// Records a call's return code in the connection's health and passes it on.
@@ -379,6 +416,19 @@ impl IoCtx {
 
     pub(crate) fn handle(&self) -> Arc<IoHandle> {
         self.0.clone()
+    }
+
+    /// The RADOS namespace; empty for the pool's default.
+    pub fn namespace(&self) -> &str {
+        &self.0.namespace
+    }
+
+    /// `pool` or `pool/namespace`, as `rbd` writes it.
+    pub fn location(&self) -> String {
+        match self.0.namespace.as_str() {
+            "" => self.0.pool.clone(),
+            ns => format!("{}/{ns}", self.0.pool),
+        }
     }
 
     pub(crate) fn target(&self, name: &str) -> String {

@@ -12,6 +12,8 @@ pub struct ImageOptions {
     pub features: u64,
     pub data_pool: Option<String>,
     pub order: Option<u8>,
+    /// (stripe unit in bytes, stripe count); librbd adds the striping-v2 feature when needed.
+    pub stripe: Option<(u64, u64)>,
 }
 
 struct Options(ffi::rbd_image_options_t);
@@ -41,6 +43,10 @@ impl ImageOptions {
         if let Some(order) = self.order {
             set_u64(ffi::RBD_IMAGE_OPTION_ORDER, order as u64)?;
         }
+        if let Some((unit, count)) = self.stripe {
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_UNIT, unit)?;
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
+        }
         if let Some(dp) = &self.data_pool {
             let v = cstr(op, dp)?;
             check(op, "data pool", unsafe {
@@ -65,6 +71,8 @@ pub struct SnapInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentInfo {
     pub pool: String,
+    /// RADOS namespace; empty for the pool's default.
+    pub namespace: String,
     pub image_name: String,
     pub image_id: String,
     pub snap_name: String,
@@ -411,6 +419,7 @@ impl Image {
         let info = unsafe {
             ParentInfo {
                 pool: owned(img.pool_name),
+                namespace: owned(img.pool_namespace),
                 image_name: owned(img.image_name),
                 image_id: owned(img.image_id),
                 snap_name: owned(snap.name),
@@ -522,6 +531,12 @@ impl Image {
             unsafe { ffi::rbd_watchers_list_cleanup(v.as_mut_ptr(), n) };
             return Ok(out);
         }
+    }
+
+    /// The RADOS object that holds the image's header (format 2): it lives exactly as long as
+    /// the image, and clones and copies never inherit its attributes.
+    pub fn header_object(&self) -> Result<String> {
+        Ok(format!("rbd_header.{}", self.id()?))
     }
 }
 

@@ -143,9 +143,8 @@ impl controller_server::Controller for ControllerService {
             }
         }
         let params = VolumeParams::parse(&parameters)?;
-        let unknown = params.unknown_keys();
-        if !unknown.is_empty() {
-            tracing::warn!(keys = ?unknown, "ignoring StorageClass parameters this driver does not know");
+        for (key, why) in params.ignored() {
+            tracing::warn!(key, why, "ignoring a StorageClass parameter");
         }
         let creds = Credentials::from_secrets(&r.secrets)?;
         let source = match r.volume_content_source.and_then(|s| s.r#type) {

@@ -28,6 +28,7 @@ pub struct DriverOptions {
     pub kubelet_dir: PathBuf,
     pub extra_roots: Vec<PathBuf>,
     pub state_dir: Option<PathBuf>,
+    pub key_dir: Option<PathBuf>,
     pub timeouts: CephTimeouts,
     /// A pooled Ceph connection no call has asked for in this long is closed.
     pub ceph_idle_timeout: Duration,
@@ -37,6 +38,7 @@ pub struct DriverOptions {
     pub default_mounter: String,
     pub registration_dir: Option<PathBuf>,
     pub kubelet_registration_path: Option<PathBuf>,
+    pub mapper_cgroup: crate::node::mapper::CgroupSetting,
 }
 
 pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
@@ -117,18 +119,21 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
                     .join("state")
             });
             let mut cfg = NodeConfig::new(opts.node_id.clone().unwrap_or_default(), state_dir);
+            cfg.key_dir = opts.key_dir.clone();
+            cfg.mapper_cgroup = opts.mapper_cgroup.clone();
             cfg.allowed_roots = std::iter::once(opts.kubelet_dir.clone())
                 .chain(opts.extra_roots.iter().cloned())
                 .collect();
             let inflight = crate::volume::guard::InFlight::default();
             volume_ops.push(inflight.clone());
             Some(proto::node_server::NodeServer::new(NodeService {
-                driver: NodeDriver::new(cfg)?,
+                driver: Arc::new(NodeDriver::new(cfg)?),
                 node_id: opts.node_id.clone().unwrap_or_default(),
                 clusters: clusters.clone(),
                 default_creds: creds.clone(),
                 default_mounter: opts.default_mounter.clone(),
                 inflight,
+                volumes: controller.clone(),
             }))
         }
     };

@@ -141,10 +141,27 @@ pub struct Driver {
     pub root: tempfile::TempDir,
     pub endpoint: String,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Driver {
     pub fn start(c: &Cluster, extra: &[&str]) -> Driver {
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, &[])
+    }
+
+    /// Like [`Driver::start`], with extra environment for the driver process (e.g. a PATH
+    /// that puts a test's wrapper of a tool first).
+    pub fn start_with_env(c: &Cluster, extra: &[&str], env: &[(&str, &str)]) -> Driver {
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, env)
+    }
+
+    /// Like [`Driver::start`], with another cluster config (entries of the dev cluster with
+    /// other settings).
+    pub fn start_with_config(c: &Cluster, config: &Path, extra: &[&str]) -> Driver {
+        Self::start_full(c, config, extra, &[])
+    }
+
+    fn start_full(c: &Cluster, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Driver {
         let root = tempfile::Builder::new()
             .prefix("rook-rbd-test")
             .tempdir_in("/tmp")
@@ -159,7 +176,7 @@ impl Driver {
             "--endpoint".into(),
             endpoint.clone(),
             "--cluster-config".into(),
-            c.dir.join("cluster-config.json").display().to_string(),
+            config.display().to_string(),
             "--secret-dir".into(),
             secret.display().to_string(),
             "--kubelet-dir".into(),
@@ -170,12 +187,17 @@ impl Driver {
             "1".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = spawn(&args, root.path());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(&args, &env, root.path());
         Driver {
             child,
             root,
             endpoint,
             args,
+            env,
         }
     }
 
@@ -193,7 +215,7 @@ impl Driver {
     /// Starts the same driver again after a kill (same socket, state and arguments).
     pub fn restart(&mut self) {
         self.kill9();
-        self.child = spawn(&self.args, self.root.path());
+        self.child = spawn(&self.args, &self.env, self.root.path());
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -201,7 +223,7 @@ impl Driver {
     }
 }
 
-fn spawn(args: &[String], root: &Path) -> Child {
+fn spawn(args: &[String], env: &[(String, String)], root: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -209,6 +231,7 @@ fn spawn(args: &[String], root: &Path) -> Child {
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_rook-rbd"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()

@@ -53,10 +53,12 @@ impl Controller {
     pub async fn create_volume(self: &Arc<Self>, req: CreateRequest) -> Result<Volume, Error> {
         validate_name("name", &req.name)?;
         let size = size_for(req.required_bytes, req.limit_bytes)?;
+        let layout = req.params.layout()?;
         let opts = ImageOptions {
             features: req.params.features()?,
             data_pool: req.params.data_pool.clone(),
-            order: None,
+            order: layout.order,
+            stripe: layout.stripe,
         };
         // An empty prefix would make every image in the pool look like a volume of ours.
         let prefix = req
@@ -71,12 +73,13 @@ impl Controller {
                 ));
             }
         }
-        self.cluster(&req.params.cluster_id)?;
+        let namespace = self.cluster(&req.params.cluster_id)?.rados_namespace();
         let image = naming::volume_image(prefix.as_deref(), &req.name);
-        let id = VolumeId::new(&req.params.cluster_id, &req.params.pool, &image);
+        let id =
+            VolumeId::in_namespace(&req.params.cluster_id, &req.params.pool, namespace, &image);
         if id.encode().len() > crate::volume::id::MAX_ID_LEN {
             return Err(Error::InvalidArgument(
-                "clusterID and pool are too long for a 128-byte volume ID".into(),
+                "clusterID, pool and radosNamespace are too long for a 128-byte volume ID".into(),
             ));
         }
         let source = match &req.source {
@@ -142,7 +145,12 @@ impl Controller {
     async fn make_volume(&self, req: CreateRequest, plan: Plan) -> Result<Volume, Error> {
         let conn = self.connect(&req.params.cluster_id, &req.creds).await?;
         let io = self
-            .pool_ioctx(conn.clone(), &req.params.cluster_id, &req.params.pool)
+            .pool_ioctx(
+                conn.clone(),
+                &plan.id.cluster_id,
+                &plan.id.pool,
+                &plan.id.namespace,
+            )
             .await?;
         if let Some(p) = &plan.prefix {
             self.record_prefix(&req.params.cluster_id, &io, p).await?;
@@ -150,7 +158,7 @@ impl Controller {
         let source_io = match &plan.source {
             None => None,
             Some((sid, _)) => Some(
-                self.ioctx(&sid.cluster_id, &sid.pool, &req.creds)
+                self.volume_ioctx(sid, &req.creds)
                     .await
                     .map_err(not_found_source(&sid.encode()))?,
             ),
@@ -226,7 +234,7 @@ fn clone_depth(conn: &Connection, img: &Image) -> Result<u32, CephError> {
         if depth > 64 {
             break;
         }
-        let io = conn.ioctx(&p.pool)?;
+        let io = conn.ioctx_in(&p.pool, &p.namespace)?;
         let pimg = io.open_image_by_id(&p.image_id)?;
         parent = pimg.parent()?;
     }

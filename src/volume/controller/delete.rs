@@ -51,7 +51,7 @@ impl Controller {
             .inflight
             .try_enter(volume_id)
             .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
-        let io = match self.ioctx(&id.cluster_id, &id.pool, &creds).await {
+        let io = match self.volume_ioctx(&id, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
@@ -79,9 +79,7 @@ impl Controller {
     pub(super) fn sweep_trash_later(&self, io: Arc<IoCtx>, trashed_now: bool) {
         {
             let mut st = self.trash_state.lock().unwrap();
-            let state = st
-                .entry(io.pool().to_string())
-                .or_insert(TrashState::Unknown);
+            let state = st.entry(io.location()).or_insert(TrashState::Unknown);
             match (*state, trashed_now) {
                 (TrashState::Sweeping, _) => {
                     *state = TrashState::SweepAgain;
@@ -141,9 +139,7 @@ impl Controller {
                     }
                 };
                 let mut st = states.lock().unwrap();
-                let state = st
-                    .entry(io.pool().to_string())
-                    .or_insert(TrashState::Unknown);
+                let state = st.entry(io.location()).or_insert(TrashState::Unknown);
                 match *state {
                     TrashState::SweepAgain => *state = TrashState::Sweeping,
                     _ => {

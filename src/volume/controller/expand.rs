@@ -18,7 +18,7 @@ impl Controller {
         let size = size_for(required, limit)?;
         let creds = self.creds(secrets)?;
         self.run_owned(volume_id, move |this| async move {
-            let io = this.ioctx(&id.cluster_id, &id.pool, &creds).await?;
+            let io = this.volume_ioctx(&id, &creds).await?;
             let image = id.image.clone();
             with_ioctx(io, move |io| {
                 let img = io.open_image(&image)?;

@@ -142,9 +142,9 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// Every image-name prefix this process has created with or read from a pool's record.
     prefixes: Mutex<BTreeSet<String>>,
-    /// (cluster, pool, prefix) known to be recorded in the pool (`ownership`).
+    /// (cluster, pool[/ns], prefix) known to be recorded in the pool (`ownership`).
     recorded_prefixes: Mutex<HashSet<(String, String, String)>>,
-    /// Per pool: whether the RBD trash may hold images of ours.
+    /// Per pool and namespace (`pool[/ns]`): whether the RBD trash may hold images of ours.
     trash_state: Arc<Mutex<HashMap<String, TrashState>>>,
 }
 
@@ -311,15 +311,23 @@ impl Controller {
         }
     }
 
-    /// A pool's I/O context; a pool that does not exist is an InvalidArgument, not an Internal.
+    /// The I/O context of a pool and RADOS namespace (empty: the default); a pool or namespace
+    /// that does not exist is an InvalidArgument, not an Internal.
     async fn ioctx(
         &self,
         cluster_id: &str,
         pool: &str,
+        namespace: &str,
         creds: &Credentials,
     ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
-        self.pool_ioctx(conn, cluster_id, pool).await
+        self.pool_ioctx(conn, cluster_id, pool, namespace).await
+    }
+
+    /// The I/O context of a volume's pool and namespace.
+    async fn volume_ioctx(&self, id: &VolumeId, creds: &Credentials) -> Result<Arc<IoCtx>, Error> {
+        self.ioctx(&id.cluster_id, &id.pool, &id.namespace, creds)
+            .await
     }
 
     /// A pool's I/O context on a connection the caller already holds.
@@ -328,20 +336,28 @@ impl Controller {
         conn: Arc<Connection>,
         cluster_id: &str,
         pool: &str,
+        namespace: &str,
     ) -> Result<Arc<IoCtx>, Error> {
-        if let Some(io) = conn.cached_ioctx(pool) {
+        if let Some(io) = conn.cached_ioctx(pool, namespace) {
             return Ok(io);
         }
-        let p = pool.to_string();
-        blocking(move || conn.ioctx(&p)).await.map_err(|e| {
-            if e.not_found() {
-                Error::InvalidArgument(format!(
-                    "pool {pool:?} does not exist in cluster {cluster_id}"
-                ))
-            } else {
-                Error::ceph(format!("opening pool {pool}"))(e)
-            }
-        })
+        let (p, ns) = (pool.to_string(), namespace.to_string());
+        let io = blocking(move || conn.ioctx_in(&p, &ns))
+            .await
+            .map_err(|e| {
+                if e.not_found() && e.op == "rbd_namespace_exists" {
+                    Error::InvalidArgument(format!(
+                        "RADOS namespace {pool}/{namespace} does not exist in cluster {cluster_id} (rbd namespace create {pool}/{namespace})"
+                    ))
+                } else if e.not_found() {
+                    Error::InvalidArgument(format!(
+                        "pool {pool:?} does not exist in cluster {cluster_id}"
+                    ))
+                } else {
+                    Error::ceph(format!("opening pool {pool}"))(e)
+                }
+            })?;
+        Ok(io)
     }
 
     pub(super) fn decode_existing(&self, volume_id: &str) -> Result<VolumeId, Error> {

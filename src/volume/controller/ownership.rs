@@ -101,11 +101,7 @@ impl Controller {
         io: &Arc<IoCtx>,
         prefix: &str,
     ) -> Result<(), Error> {
-        let key = (
-            cluster_id.to_string(),
-            io.pool().to_string(),
-            prefix.to_string(),
-        );
+        let key = (cluster_id.to_string(), io.location(), prefix.to_string());
         if self.recorded_prefixes.lock().unwrap().contains(&key) {
             return Ok(());
         }

@@ -48,12 +48,12 @@ impl Controller {
     ) -> Result<Snapshot, Error> {
         let conn = self.connect(&src.cluster_id, &creds).await?;
         let io = self
-            .pool_ioctx(conn.clone(), &src.cluster_id, &src.pool)
+            .pool_ioctx(conn.clone(), &src.cluster_id, &src.pool, &src.namespace)
             .await
             .map_err(not_found_source(source_volume))?;
         let snap_image = naming::snapshot_image(name);
         let id = SnapshotId {
-            volume: VolumeId::new(&src.cluster_id, &src.pool, &snap_image),
+            volume: src.sibling(&snap_image),
         };
         let (source_image, name) = (src.image.clone(), name.to_string());
         let max_depth = self.cfg.max_clone_depth;
@@ -97,10 +97,7 @@ impl Controller {
             .inflight
             .try_enter(snapshot_id)
             .ok_or_else(|| Error::aborted_in_flight(snapshot_id))?;
-        let io = match self
-            .ioctx(&id.volume.cluster_id, &id.volume.pool, &creds)
-            .await
-        {
+        let io = match self.volume_ioctx(&id.volume, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
@@ -129,10 +126,7 @@ impl Controller {
         id: &SnapshotId,
         creds: &Credentials,
     ) -> Result<Option<Snapshot>, Error> {
-        let io = match self
-            .ioctx(&id.volume.cluster_id, &id.volume.pool, creds)
-            .await
-        {
+        let io = match self.volume_ioctx(&id.volume, creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(None),
             r => r?,
         };
@@ -176,8 +170,8 @@ impl Controller {
                     }
                 },
             };
-            for (cluster, pool) in self.pools(scope.as_ref(), &creds).await? {
-                let io = self.ioctx(&cluster, &pool, &creds).await?;
+            for (cluster, pool, namespace) in self.pools(scope.as_ref(), &creds).await? {
+                let io = self.ioctx(&cluster, &pool, &namespace, &creds).await?;
                 let c = cluster.clone();
                 let found = with_ioctx(io, move |io| {
                     let mut out = Vec::new();
@@ -282,11 +276,10 @@ fn read_snapshot(io: &IoCtx, cluster: &str, image: &str) -> Result<Option<Snapsh
     let Some(snap) = img.snaps()?.into_iter().find(|s| s.name == image) else {
         return Ok(None);
     };
-    let source = VolumeId::new(cluster, io.pool(), &parent_name(&img)?.unwrap_or_default());
+    let id = VolumeId::in_namespace(cluster, io.pool(), io.namespace(), image);
+    let source = id.sibling(&parent_name(&img)?.unwrap_or_default());
     Ok(Some(Snapshot {
-        id: SnapshotId {
-            volume: VolumeId::new(cluster, io.pool(), image),
-        },
+        id: SnapshotId { volume: id },
         source_volume: source,
         size: snap.size,
         created: img.snap_timestamp(snap.id)?,
