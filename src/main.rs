@@ -102,7 +102,7 @@ struct CsiArgs {
     /// warning, when neither is memory-backed).
     #[arg(long, env = "KEY_DIR")]
     key_dir: Option<PathBuf>,
-    /// Serve Prometheus metrics and /healthz on this address, e.g. :8080.
+    /// Serve /metrics (Prometheus), /livez, /readyz and /healthz on this address, e.g. :8080.
     #[arg(long, env = "METRICS_ADDRESS")]
     metrics_address: Option<String>,
     /// rados_osd_op_timeout: seconds before an OSD operation fails with a timeout.
@@ -114,6 +114,10 @@ struct CsiArgs {
     /// client_mount_timeout: seconds to connect and authenticate to the cluster.
     #[arg(long, default_value_t = 8)]
     client_mount_timeout: u64,
+    /// Seconds after which a pooled Ceph connection that no call has used is closed (a rotated
+    /// key's old session, a cluster no longer used).
+    #[arg(long, default_value_t = rook_rbd::ceph::PoolPolicy::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    ceph_idle_timeout: u64,
     /// Seconds between cluster health checks (what Probe reports).
     #[arg(long, default_value_t = 5)]
     health_interval: u64,
@@ -196,6 +200,7 @@ fn main() -> std::process::ExitCode {
                         mon_op: Duration::from_secs(a.rados_mon_op_timeout),
                         mount: Duration::from_secs(a.client_mount_timeout),
                     },
+                    ceph_idle_timeout: Duration::from_secs(a.ceph_idle_timeout),
                     health_interval: Duration::from_secs(a.health_interval.max(1)),
                     controller_cfg: ControllerConfig {
                         max_clone_depth: a.max_clone_depth,

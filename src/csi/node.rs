@@ -228,6 +228,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         let cap = r
             .volume_capability
@@ -320,6 +321,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         let driver = self.driver.clone();
         let release = self.releaser(&r.volume_id);
@@ -354,6 +356,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodePublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.staging_target_path, "staging_target_path")?;
         require(&r.target_path, "target_path")?;
         let cap = r
@@ -389,6 +392,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.target_path, "target_path")?;
         let driver = self.driver.clone();
         let (id, target) = (r.volume_id.clone(), r.target_path);
@@ -407,6 +411,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeGetVolumeStatsResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.volume_path, "volume_path")?;
         let st = self
             .driver
@@ -452,6 +457,7 @@ impl node_server::Node for NodeService {
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.volume_path, "volume_path")?;
         if let Some(cap) = &r.volume_capability {
             check_capability(cap)?;
