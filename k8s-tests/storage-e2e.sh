@@ -30,6 +30,7 @@ set +e
 "$HERE/cluster.sh" exec timeout "${E2E_SUITE_TIMEOUT:-4200}" "$E2E_BIN/e2e.test" \
   -kubeconfig="$KUBECONFIG" \
   -storage.testdriver="$HERE/e2e/driver.yaml" \
+  -repo-root="$HERE/e2e" \
   -ginkgo.focus="$focus" -ginkgo.skip="$skip" \
   -ginkgo.no-color -ginkgo.timeout=2h \
   -ginkgo.json-report="$OUT/report.json" \
