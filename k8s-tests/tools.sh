@@ -28,6 +28,8 @@ TOOLS=(
   "csi-attacher v4.13.0 github.com/kubernetes-csi/external-attacher/v4 cmd/csi-attacher"
   "csi-resizer v2.3.0 github.com/kubernetes-csi/external-resizer/v2 cmd/csi-resizer"
   "csi-snapshotter v8.7.0 github.com/kubernetes-csi/external-snapshotter/v8 cmd/csi-snapshotter cmd/snapshot-controller"
+  # the ginkgo CLI runs e2e.test in parallel processes (storage-e2e.sh); the version k8s.io/kubernetes pins
+  "ginkgo v2.21.0 github.com/onsi/ginkgo/v2 ginkgo"
 )
 
 log() { printf '[k8s-tools] %s\n' "$*" >&2; }

@@ -27,8 +27,11 @@ pub struct Credentials {
 
 impl Credentials {
     pub fn from_secrets(secrets: &HashMap<String, String>) -> Result<Self, Error> {
-        let user = secrets.get("userID").filter(|s| !s.is_empty());
-        let key = secrets.get("userKey").filter(|s| !s.is_empty());
+        // A Secret made with `kubectl create secret --from-file` from `ceph auth get-key` output
+        // carries its trailing newline; Ceph's own key files are read the same way.
+        let value = |k: &str| secrets.get(k).map(|s| s.trim()).filter(|s| !s.is_empty());
+        let user = value("userID");
+        let key = value("userKey");
         match (user, key) {
             (Some(u), Some(k)) => {
                 if u.len() > 128
@@ -53,7 +56,7 @@ impl Credentials {
                 let user = u.strip_prefix("client.").unwrap_or(u).to_string();
                 Ok(Self {
                     user,
-                    key: Secret::new(k.clone()),
+                    key: Secret::new(k.to_string()),
                 })
             }
             _ => Err(Error::InvalidArgument(
@@ -135,5 +138,35 @@ impl From<RunError> for Error {
 impl From<IdError> for Error {
     fn from(e: IdError) -> Self {
         Error::NotFound(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secrets(user: &str, key: &str) -> HashMap<String, String> {
+        HashMap::from([
+            ("userID".to_string(), user.to_string()),
+            ("userKey".to_string(), key.to_string()),
+        ])
+    }
+
+    const KEY: &str = "AQBxsS5nAAAAABAAp0D2pmd9Pm/y7yQ2xGbt3w==";
+
+    #[test]
+    fn a_key_from_a_file_with_its_newline_is_accepted_without_it() {
+        let c = Credentials::from_secrets(&secrets("csi\n", &format!("{KEY}\n"))).unwrap();
+        assert_eq!(c.user, "csi");
+        assert_eq!(c.key.expose(), KEY);
+    }
+
+    #[test]
+    fn a_key_that_is_not_base64_is_refused_and_not_echoed() {
+        let e = Credentials::from_secrets(&secrets("csi", "not a key!")).unwrap_err();
+        assert!(matches!(e, Error::InvalidArgument(_)));
+        assert!(!e.to_string().contains("not a key"));
+        let e = Credentials::from_secrets(&secrets("csi", " \n")).unwrap_err();
+        assert!(e.to_string().contains("required"), "{e}");
     }
 }
