@@ -27,13 +27,19 @@ echo "focus: $focus"
 echo "skip:  $skip"
 t0=$SECONDS
 set +e
-"$HERE/cluster.sh" exec timeout "${E2E_SUITE_TIMEOUT:-4200}" "$E2E_BIN/e2e.test" \
+# The ginkgo CLI runs the suite in E2E_PROCS parallel processes (each spec has its own namespace;
+# [Serial] specs run alone at the end), as Kubernetes' own CI does: most of a spec's time is spent
+# waiting for pods and volumes, not on the CPU.
+procs=${E2E_PROCS:-3}
+echo "processes: $procs (E2E_PROCS)"
+"$HERE/cluster.sh" exec timeout "${E2E_SUITE_TIMEOUT:-4200}" "$E2E_BIN/ginkgo" run \
+  --procs="$procs" --focus="$focus" --skip="$skip" \
+  --no-color --timeout=2h --poll-progress-after=5m \
+  --output-dir="$OUT" --json-report=report.json \
+  "$E2E_BIN/e2e.test" -- \
   -kubeconfig="$KUBECONFIG" \
   -storage.testdriver="$HERE/e2e/driver.yaml" \
   -repo-root="$HERE/e2e" \
-  -ginkgo.focus="$focus" -ginkgo.skip="$skip" \
-  -ginkgo.no-color -ginkgo.timeout=2h \
-  -ginkgo.json-report="$OUT/report.json" \
   -report-dir="$OUT" \
   -node-os-distro=debian \
   -allowed-not-ready-nodes=0 \
