@@ -26,7 +26,7 @@ ceph-up: ## start the single-node dev Ceph cluster in $(CEPH_DEV_DIR)
 ceph-down: ## stop the dev cluster and remove its data
 	bash scripts/ceph-dev.sh down $(CEPH_DEV_DIR)
 
-test: deps ## everything: lint, unit and integration tests, csi-sanity (mount and block) on a real cluster
+test: deps ## everything: lint, unit + integration tests, csi-sanity (mount, block) on a real Ceph, then the Kubernetes e2e stage (E2E=0 leaves it out)
 	bash scripts/test.sh
 
 unit: ## unit tests only (no cluster)

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # `make test`: lint, unit tests, integration tests, stock gRPC clients of other languages
 # (tests/interop) and csi-sanity (mount and block) against a real dev cluster that this script
-# starts and always stops. Fails if anything is left behind.
+# starts and always stops; then the Kubernetes e2e stage (k8s-tests/run.sh: a real single-node
+# Kubernetes, `kubectl apply -f deploy/`, the user's path, the storage e2e CI subset, faults).
+# Fails if anything is left behind. E2E=0 leaves out the e2e stage, saying so (never under CI).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CEPH_DEV_DIR=${CEPH_DEV_DIR:-$PWD/.dev-cluster}
@@ -45,3 +47,15 @@ bash sanity-tests/run.sh block
 
 step "leftovers"
 bash sanity-tests/leftovers.sh
+
+# The dev cluster goes first: the e2e stage starts a Ceph of its own inside its network namespace.
+trap - EXIT
+(cleanup)
+
+if [[ ${E2E:-1} == 0 ]]; then
+  [[ -z ${CI:-} ]] || { echo "CI must run the e2e stage (E2E=0 is for local runs)" >&2; exit 1; }
+  step "Kubernetes e2e: left out (E2E=0); \`make e2e\` runs it alone"
+else
+  step "Kubernetes e2e (k8s-tests/run.sh)"
+  bash k8s-tests/run.sh
+fi
