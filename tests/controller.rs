@@ -264,6 +264,13 @@ fn assert_no_temporary_snapshot(c: &Cluster, source_image: &str) {
     );
 }
 
+/// A 16 MiB clone of the volume `source`.
+fn clone_req(c: &Cluster, name: &str, source: &str) -> proto::CreateVolumeRequest {
+    let mut r = create_req(c, name, 16 * MIB);
+    r.volume_content_source = volume_source(source);
+    r
+}
+
 /// Whether a clone's create left its claim on `image` in the pool: the claim lives only while
 /// the create's image may not be recognisable as its own.
 fn claim_left(c: &Cluster, image: &str) -> bool {
@@ -281,11 +288,7 @@ async fn a_flattened_clone_answers_every_retry_and_still_refuses_another_source(
     let a = create_volume(&mut cl, create_req(&c, &unique("flat-a"), 16 * MIB)).await;
     let b = create_volume(&mut cl, create_req(&c, &unique("flat-b"), 16 * MIB)).await;
     let name = unique("flat-clone");
-    let from = |src: &str| {
-        let mut r = create_req(&c, &name, 16 * MIB);
-        r.volume_content_source = volume_source(src);
-        r
-    };
+    let from = |src: &str| clone_req(&c, &name, src);
     let v = create_volume(&mut cl, from(&a.volume_id)).await;
     let image = image_of(&v.volume_id);
     let info = c.rbd(&["info", &format!("rbd/{image}")]);
@@ -318,11 +321,7 @@ async fn a_clone_cut_off_before_its_parent_was_attached_is_made_again_by_the_ret
     let mut cl = d.client().await;
     let a = create_volume(&mut cl, create_req(&c, &unique("cut-a"), 16 * MIB)).await;
     let b = create_volume(&mut cl, create_req(&c, &unique("cut-b"), 16 * MIB)).await;
-    let from = |name: &str, src: &str| {
-        let mut r = create_req(&c, name, 16 * MIB);
-        r.volume_content_source = volume_source(src);
-        r
-    };
+    let from = |name: &str, src: &str| clone_req(&c, name, src);
     let cut_off = |name: &str, src: &proto::Volume| {
         let image = volume_image(None, name);
         c.rbd(&["create", "--size", "16M", &format!("rbd/{image}")]);
