@@ -4,7 +4,7 @@
 //! is left behind. From then on every failure is one the caller retries (`unfinished`), so a
 //! half-made image is completed by the retry instead of forgotten.
 
-use super::ownership::{check_mark, mark};
+use super::ownership::{check_mark, claim, claimed_source, mark, release_claim};
 use super::{
     ignore_exists, ignore_missing, not_found_source, parent_name, size_for, unfinished,
     validate_name, Controller, CreateRequest, Source, Volume, INHERITED_KEYS, NAME_KEY, PARENT_KEY,
@@ -280,7 +280,10 @@ fn create_plain(t: &Target, meta: &[(String, String)]) -> Result<(), Error> {
         };
         check_mark(&img, t.image, t.name, None)?;
         let ctx = || unfinished(format!("reading image {}", t.image));
-        if img.parent().map_err(ctx())?.is_some() {
+        // A clone that librbd left without its parent is still a clone, of the claim's source.
+        if img.parent().map_err(ctx())?.is_some()
+            || claimed_source(t.io, t.image).map_err(ctx())?.is_some()
+        {
             return Err(Error::AlreadyExists(format!(
                 "volume {} exists with a content source",
                 t.image
@@ -344,45 +347,88 @@ pub(super) fn create_clone(src: &CloneSource, t: &Target) -> Result<Image, Error
         }
         e
     };
-    for attempt in 0..3 {
-        if !src.from_snapshot {
-            ignore_exists(simg.snap_create(&snap))
-                .map_err(Error::ceph(format!("snapshotting {parent}")))?;
+    // A failure before the clone may exist drops the claim this attempt made; the clone's own
+    // code stays, as nothing is left behind.
+    let unclaim = |e: Error| {
+        if let Err(x) = release_claim(t.io, t.image) {
+            tracing::warn!(error = %x, "could not release the claim on {}", t.image);
         }
-        let fresh = match src.io.clone_image(parent, &snap, t.io, t.image, t.opts) {
-            Ok(()) => true,
-            Err(e) if e.exists() => false,
-            // A crash during an earlier attempt's snapshot removal can leave the temporary
-            // snapshot listed but unusable. If the clone is not there yet, make the snapshot anew.
-            Err(e) if e.not_found() && !src.from_snapshot && attempt < 2 => {
-                if t.io.open_image(t.image).is_err() {
-                    tracing::warn!(image = t.image, snap = %snap, "temporary snapshot unusable; making it again");
-                    ignore_missing(simg.snap_remove(&snap))
-                        .map_err(Error::ceph(format!("removing snapshot {snap}")))?;
-                    continue;
-                }
-                false
-            }
-            Err(e) => {
-                return Err(refuse(Error::ceph(format!(
-                    "cloning {parent} into {}",
-                    t.image
-                ))(e)))
-            }
+        e
+    };
+    for attempt in 0..3 {
+        let step = || unfinished(format!("reading image {}", t.image));
+        let existing = match t.io.open_image(t.image) {
+            Ok(img) => Some(img),
+            Err(e) if e.not_found() => None,
+            Err(e) => return Err(step()(e)),
         };
-        let Some(img) = open_or_discard_partial(t.io, t.image)? else {
-            continue;
+        let (img, fresh) = match existing {
+            Some(img) => (img, false),
+            None => {
+                claim(t.io, t.image, parent)
+                    .map_err(Error::ceph(format!("claiming {}", t.image)))?;
+                if !src.from_snapshot {
+                    ignore_exists(simg.snap_create(&snap))
+                        .map_err(Error::ceph(format!("snapshotting {parent}")))
+                        .map_err(unclaim)?;
+                }
+                let fresh = match src.io.clone_image(parent, &snap, t.io, t.image, t.opts) {
+                    Ok(()) => true,
+                    Err(e) if e.exists() => false,
+                    // A crash during an earlier attempt's snapshot removal can leave the temporary
+                    // snapshot listed but unusable. If the clone is not there yet, make the
+                    // snapshot anew.
+                    Err(e) if e.not_found() && !src.from_snapshot && attempt < 2 => {
+                        if t.io.open_image(t.image).is_err() {
+                            tracing::warn!(image = t.image, snap = %snap, "temporary snapshot unusable; making it again");
+                            ignore_missing(simg.snap_remove(&snap))
+                                .map_err(Error::ceph(format!("removing snapshot {snap}")))?;
+                            continue;
+                        }
+                        false
+                    }
+                    // librbd undoes a clone it could not finish: nothing of it is left.
+                    Err(e) => {
+                        return Err(refuse(unclaim(Error::ceph(format!(
+                            "cloning {parent} into {}",
+                            t.image
+                        ))(e))))
+                    }
+                };
+                let Some(img) = open_or_discard_partial(t.io, t.image)? else {
+                    continue;
+                };
+                (img, fresh)
+            }
         };
         if !fresh {
-            let ctx = || unfinished(format!("reading image {}", t.image));
-            if parent_name(&img).map_err(ctx())?.as_deref() != Some(parent) {
-                return Err(refuse(Error::AlreadyExists(format!(
-                    "image {} exists with a different content source",
-                    t.image
-                ))));
-            }
             check_mark(&img, t.image, t.name, Some(&simg)).map_err(refuse)?;
-            let have = img.size().map_err(ctx())?;
+            let marked = img.metadata_get(NAME_KEY).map_err(step())?.as_deref() == Some(t.name);
+            match parent_name(&img).map_err(step())? {
+                Some(p) if p == parent => {}
+                // Neither parent nor mark: librbd stopped between making the image and attaching
+                // its parent. Only our claim tells that empty image from one someone else made.
+                None if !marked
+                    && claimed_source(t.io, t.image).map_err(step())?.as_deref()
+                        == Some(parent) =>
+                {
+                    tracing::warn!(
+                        image = t.image,
+                        "found a clone without its parent; making it again"
+                    );
+                    drop(img);
+                    t.io.remove_image(t.image)
+                        .map_err(unfinished(format!("removing half-made clone {}", t.image)))?;
+                    continue;
+                }
+                _ => {
+                    return Err(refuse(Error::AlreadyExists(format!(
+                        "image {} exists with a different content source",
+                        t.image
+                    ))))
+                }
+            }
+            let have = img.size().map_err(step())?;
             if have != t.size && have != src_size {
                 return Err(refuse(Error::AlreadyExists(format!(
                     "volume exists with size {have}, not {}",
@@ -390,9 +436,14 @@ pub(super) fn create_clone(src: &CloneSource, t: &Target) -> Result<Image, Error
                 ))));
             }
         }
-        // The mark goes first: from here on, a retry knows the clone as ours without asking the
-        // parent (librbd copied the parent's mark into it).
+        // The source goes first, then the mark: from the mark on, a retry knows the clone as ours
+        // and where it came from without asking the parent, which a flatten detaches. librbd
+        // copied the parent's values of both keys into the clone; these replace them.
+        img.metadata_set(PARENT_KEY, parent)
+            .map_err(unfinished(format!("recording the source of {}", t.image)))?;
         mark(&img, t.image, t.name)?;
+        release_claim(t.io, t.image)
+            .map_err(unfinished(format!("releasing the claim on {}", t.image)))?;
         finish_clone(src, t, &img, &simg, &snap)
             .map_err(unfinished(format!("finishing clone {}", t.image)))?;
         return Ok(img);
@@ -429,8 +480,6 @@ fn finish_clone(
             "clone chain is deeper than {}; flattening",
             src.max_depth
         );
-        // Remember where it came from: idempotency and ListSnapshots still need to know.
-        img.metadata_set(PARENT_KEY, src.image)?;
         img.flatten()?;
     }
     Ok(())

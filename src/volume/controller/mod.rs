@@ -46,15 +46,15 @@ const NAME_KEY: &str = "rook-rbd.name";
 /// Set by the external-provisioner's --extra-create-metadata; the PV name is the request name.
 const PV_NAME_KEY: &str = "csi.storage.k8s.io/pv/name";
 /// Per-image metadata that must not carry over from a parent to its clone. The clone's own mark
-/// replaces the parent's, so `NAME_KEY` is not removed but overwritten.
-const INHERITED_KEYS: [&str; 5] = [
+/// and source replace the parent's, so `NAME_KEY` and `PARENT_KEY` are overwritten, not removed.
+const INHERITED_KEYS: [&str; 4] = [
     ATTACHMENTS_KEY,
-    PARENT_KEY,
     "csi.storage.k8s.io/pvc/name",
     "csi.storage.k8s.io/pvc/namespace",
     PV_NAME_KEY,
 ];
-/// The source image of a clone that has been flattened.
+/// The source image of a clone, written before its mark: it still names the source once a
+/// flatten has detached the parent.
 const PARENT_KEY: &str = "rook-rbd.parent";
 const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
 const TRASH_SOURCE_USER: i32 = 0;

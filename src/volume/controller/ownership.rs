@@ -1,7 +1,8 @@
 //! What is ours. Every image carries the request name that made it (`rook-rbd.name`), so an image
 //! that another driver sharing the pool made for another name is never adopted. Every custom
 //! `volumeNamePrefix` is recorded in its pool, so listing and the trash sweep still find those
-//! volumes after a restart.
+//! volumes after a restart. A clone's create claims its image name in the pool until the clone
+//! carries its mark, so a clone that librbd left without parent or mark is still known as ours.
 
 use super::{unfinished, Controller, NAME_KEY, PV_NAME_KEY};
 use crate::ceph::pool::with_ioctx;
@@ -55,6 +56,32 @@ pub(super) fn check_mark(
         }
     }
     Ok(())
+}
+
+/// The claim on a clone's image name. librbd makes the clone's image before it attaches the
+/// parent, so a crash in between leaves an image with neither parent nor mark: without the claim
+/// it looks like an image someone else made, and the retry could never finish it.
+fn claim_object(image: &str) -> String {
+    format!("rook-rbd.clone.{image}")
+}
+
+/// Claims `image` for a clone of `source`, before librbd is asked to make it. Only while no
+/// image of that name exists (so the claim never names an image someone else made) and under
+/// the create's key (so no other create of the name runs).
+pub(super) fn claim(io: &IoCtx, image: &str, source: &str) -> Result<(), CephError> {
+    io.write_full(&claim_object(image), source.as_bytes())
+}
+
+/// The source of the clone that claimed `image` and has not marked it yet, if any.
+pub(super) fn claimed_source(io: &IoCtx, image: &str) -> Result<Option<String>, CephError> {
+    Ok(io
+        .read_small(&claim_object(image))?
+        .map(|raw| String::from_utf8_lossy(&raw).into_owned()))
+}
+
+/// Drops the claim once the clone carries its mark and source, which say the same from then on.
+pub(super) fn release_claim(io: &IoCtx, image: &str) -> Result<(), CephError> {
+    io.remove_object(&claim_object(image))
 }
 
 /// Marks an image as made by request `name`. The first step after an image is made or adopted.
