@@ -6,7 +6,7 @@ GOBIN ?= $(HOME)/go/bin
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(GOBIN)/csi-sanity
 
-.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check
+.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check crds
 
 help: ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,11 @@ bench: deps ## benchmarks against the dev cluster, with raw-librbd floor ratios
 
 fresh-root-check: ## make demo in a fresh Debian 12 root (mmdebstrap): proves `make deps` is complete
 	bash scripts/fresh-root-check.sh
+
+crds: ## regenerate deploy/operator/crds.yaml from the Rust types (rook-rbd crdgen)
+	mkdir -p deploy/operator
+	cargo run --locked --quiet -- crdgen > deploy/operator/crds.yaml.tmp
+	mv deploy/operator/crds.yaml.tmp deploy/operator/crds.yaml
 
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --check
