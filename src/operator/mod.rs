@@ -1,5 +1,7 @@
 //! `rook-rbd operator`: Rook's CephCluster and CephBlockPool, reconciled with kube-rs.
 //!
 //! - `crd`: the resources as Rust types, from which the CRDs are generated.
+//! - `fields`: which spec fields are kept but not acted on (the `FieldsNotImplemented` condition).
 
 pub mod crd;
+pub mod fields;
