@@ -3,7 +3,10 @@
 //! - `crd`: the resources as Rust types, from which the CRDs are generated.
 //! - `fields`: which spec fields are kept but not acted on (the `FieldsNotImplemented` condition).
 //! - `installed`: whether the CRDs the API server serves are this binary's.
+//! - `identity`, `endpoints`: the cluster's fsid and keys, and its mons' addresses, in Rook's form.
 
 pub mod crd;
+pub mod endpoints;
 pub mod fields;
+pub mod identity;
 pub mod installed;
