@@ -14,7 +14,7 @@ use std::time::Duration;
     about = "Ceph RBD block storage for Kubernetes",
     long_about = "Ceph RBD block storage for Kubernetes.\n\n\
         One binary: the CSI driver (controller and node plugin), a CSI client for debugging,\n\
-        a benchmark, and the operator's CRDs (`crdgen`). Start with `rook-rbd csi --help`.",
+        a benchmark, the operator, and the operator's CRDs (`crdgen`). Start with `rook-rbd csi --help`.",
     after_help = "Examples:\n  \
         rook-rbd csi --endpoint unix:///csi/csi.sock --cluster-config /etc/rook-rbd/config.json --controller\n  \
         rook-rbd client --endpoint unix:///csi/csi.sock probe"
@@ -58,6 +58,9 @@ enum Command {
     /// Drive any CSI endpoint and report latency, throughput and RSS, optionally next to a
     /// raw-librbd floor measured in the same run.
     Bench(rook_rbd::bench::BenchArgs),
+    /// Run the operator: reconcile CephClusters (the cluster identity and Rook's Secrets and
+    /// ConfigMaps so far). Finds the API server as kubectl does.
+    Operator(rook_rbd::operator::run::OperatorArgs),
     /// Print the operator's CRDs (CephCluster, CephBlockPool) as YAML; deploy/operator/crds.yaml
     /// is this output.
     Crdgen,
@@ -222,6 +225,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Client(a) => rook_rbd::client::cli::run(a).await,
             Command::Bench(a) => rook_rbd::bench::run(a).await,
+            Command::Operator(a) => rook_rbd::operator::run::run(a).await,
             Command::Crdgen => unreachable!("handled before the runtime starts"),
         }
     });

@@ -2,6 +2,7 @@
 //! certificates from openssl, admin by client certificate (O=system:masters). One per test
 //! binary, started on first use and torn down at process exit (an `atexit` hook kills the
 //! daemons and removes the directory; PR_SET_PDEATHSIG covers a test binary that is killed).
+//! On request, kube-controller-manager with only the garbage collector joins it.
 //!
 //! The binaries come from `$ROOK_RBD_TEST_K8S_BIN`, else from `k8s-tests/tools.sh bin` (the
 //! project's pinned build, the path CI uses too). Without them the tests print why and pass as
@@ -47,18 +48,7 @@ static TEARDOWN: Mutex<(Vec<u32>, Option<PathBuf>)> = Mutex::new((Vec::new(), No
 pub fn shared() -> Option<&'static ApiServer> {
     let server = SERVER.get_or_init(|| {
         let bin = find_binaries().map_err(Unavailable::NotBuilt)?;
-        // The daemons die with the thread that spawned them (PR_SET_PDEATHSIG), so they are
-        // spawned from a thread that lives as long as the process.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(start(bin));
-            loop {
-                std::thread::park();
-            }
-        });
-        rx.recv()
-            .expect("the starter thread answers")
-            .map_err(Unavailable::Failed)
+        on_spawner_thread(move || start(bin)).map_err(Unavailable::Failed)
     });
     match server {
         Ok(s) => Some(s),
@@ -74,7 +64,76 @@ pub fn shared() -> Option<&'static ApiServer> {
     }
 }
 
+type Job = Box<dyn FnOnce() + Send>;
+static SPAWNER: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+
+/// Runs `f` on the one thread that spawns every daemon: a child started with PR_SET_PDEATHSIG
+/// dies with the *thread* that forked it, so that thread lives as long as the process.
+pub fn on_spawner_thread<R: Send + 'static>(f: impl FnOnce() -> R + Send + 'static) -> R {
+    let jobs = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::spawn(move || {
+            for job in rx {
+                job();
+            }
+            // The sender is a static and is never dropped; should it be, stay alive anyway.
+            loop {
+                std::thread::park();
+            }
+        });
+        Mutex::new(tx)
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    let job: Job = Box::new(move || {
+        let _ = tx.send(f());
+    });
+    jobs.lock()
+        .unwrap()
+        .send(job)
+        .expect("the spawner thread runs");
+    rx.recv().expect("the spawner thread answers")
+}
+
+/// `cmd` with PR_SET_PDEATHSIG set: it is killed when the spawner thread (the process) dies.
+pub fn die_with_parent(cmd: &mut Command) -> &mut Command {
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        })
+    }
+}
+
+static GARBAGE_COLLECTOR: OnceLock<Result<(), String>> = OnceLock::new();
+
 impl ApiServer {
+    /// Starts kube-controller-manager with only its garbage collector (once per test binary),
+    /// so that objects whose owner is deleted really go, as in a cluster.
+    pub fn start_garbage_collector(&'static self) {
+        let started = GARBAGE_COLLECTOR.get_or_init(|| {
+            on_spawner_thread(move || {
+                spawn(
+                    &self.dir,
+                    "kube-controller-manager",
+                    Command::new(self.bin.join("kube-controller-manager")).args([
+                        format!("--kubeconfig={}", self.kubeconfig.display()),
+                        "--controllers=garbage-collector-controller".into(),
+                        "--leader-elect=false".into(),
+                        "--secure-port=0".into(),
+                        "--bind-address=127.0.0.1".into(),
+                        "--v=1".into(),
+                    ]),
+                )
+            })
+        });
+        if let Err(e) = started {
+            panic!("{e}");
+        }
+    }
+
     /// A client authenticated as the admin (a new one per test: a client belongs to the tokio
     /// runtime it was made on).
     pub async fn client(&self) -> Client {
@@ -280,15 +339,7 @@ fn spawn(dir: &Path, name: &str, cmd: &mut Command) -> Result<(), String> {
         .map_err(|e| format!("{name} log: {e}"))?;
     let err = log.try_clone().map_err(|e| e.to_string())?;
     cmd.stdin(Stdio::null()).stdout(log).stderr(err);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    die_with_parent(cmd);
     let child = cmd.spawn().map_err(|e| format!("starting {name}: {e}"))?;
     // Reaped by the teardown hook, which is also what stops it.
     TEARDOWN.lock().unwrap().0.push(child.id());
