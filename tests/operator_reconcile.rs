@@ -109,6 +109,17 @@ async fn setup(namespace: &str) -> Option<(&'static apiserver::ApiServer, Client
     Some((server, client))
 }
 
+/// A CephCluster `c` in `ns` with an operator that has reconciled it once.
+async fn cluster_with_operator(
+    ns: &str,
+) -> Option<(&'static apiserver::ApiServer, Client, Operator, CephCluster)> {
+    let (server, client) = setup(ns).await?;
+    create_cluster(&client, ns, "c").await;
+    let operator = Operator::start(server, ns);
+    let cluster = observed(&client, ns, "c", 1).await;
+    Some((server, client, operator, cluster))
+}
+
 async fn create_cluster(client: &Client, ns: &str, name: &str) -> CephCluster {
     let api: Api<CephCluster> = Api::namespaced(client.clone(), ns);
     let mut c = CephCluster::new(name, Default::default());
@@ -302,12 +313,9 @@ async fn rooks_cluster_gets_its_identity_once_and_a_second_reconcile_keeps_it() 
 #[tokio::test]
 async fn an_operator_killed_and_restarted_keeps_the_clusters_fsid() {
     let ns = "restart";
-    let Some((server, client)) = setup(ns).await else {
+    let Some((server, client, operator, before)) = cluster_with_operator(ns).await else {
         return;
     };
-    create_cluster(&client, ns, "c").await;
-    let operator = Operator::start(server, ns);
-    let before = observed(&client, ns, "c", 1).await;
     let (id, rv) = identity(&client, ns).await;
     let log = operator.kill();
     assert!(log.contains("minted the cluster identity"), "{log}");
@@ -327,12 +335,9 @@ async fn an_operator_killed_and_restarted_keeps_the_clusters_fsid() {
 #[tokio::test]
 async fn a_lost_identity_secret_is_reported_and_never_minted_again() {
     let ns = "lost";
-    let Some((server, client)) = setup(ns).await else {
+    let Some((_, client, _operator, before)) = cluster_with_operator(ns).await else {
         return;
     };
-    create_cluster(&client, ns, "c").await;
-    let _operator = Operator::start(server, ns);
-    let before = observed(&client, ns, "c", 1).await;
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     secrets
         .delete("rook-ceph-mon", &DeleteParams::default())
@@ -365,13 +370,10 @@ async fn a_lost_identity_secret_is_reported_and_never_minted_again() {
 #[tokio::test]
 async fn deleting_the_cluster_releases_the_finalizer_and_its_children_go_with_it() {
     let ns = "delete";
-    let Some((server, client)) = setup(ns).await else {
+    let Some((server, client, _operator, created)) = cluster_with_operator(ns).await else {
         return;
     };
     server.start_garbage_collector();
-    let created = create_cluster(&client, ns, "c").await;
-    let _operator = Operator::start(server, ns);
-    observed(&client, ns, "c", 1).await;
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);

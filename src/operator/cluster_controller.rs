@@ -86,33 +86,15 @@ pub fn error_policy(_cluster: Arc<CephCluster>, _error: &Error, _ctx: Arc<Contex
 }
 
 async fn apply(cluster: &CephCluster, ctx: &Context, ns: &str) -> Result<Action, Error> {
-    let identity = match ensure_identity(cluster, ctx, ns).await? {
-        Ok(id) => id,
-        Err(blocked) => {
-            publish(
-                ctx,
-                cluster,
-                EventType::Warning,
-                blocked.reason,
-                &blocked.message,
-            )
-            .await;
-            write_status(cluster, ctx, ns, Err(&blocked)).await?;
-            return Ok(Action::requeue(BLOCKED_RETRY));
-        }
+    let ready = match ensure_identity(cluster, ctx, ns).await? {
+        Ok(id) => current_endpoints(ctx, ns).await?.map(|e| (id, e)),
+        Err(blocked) => Err(blocked),
     };
-    let endpoints = match current_endpoints(ctx, ns).await? {
-        Ok(e) => e,
-        Err(blocked) => {
-            publish(
-                ctx,
-                cluster,
-                EventType::Warning,
-                blocked.reason,
-                &blocked.message,
-            )
-            .await;
-            write_status(cluster, ctx, ns, Err(&blocked)).await?;
+    let (identity, endpoints) = match ready {
+        Ok(ready) => ready,
+        Err(b) => {
+            publish(ctx, cluster, EventType::Warning, b.reason, &b.message).await;
+            write_status(cluster, ctx, ns, Err(&b)).await?;
             return Ok(Action::requeue(BLOCKED_RETRY));
         }
     };
