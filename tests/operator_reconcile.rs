@@ -368,9 +368,10 @@ async fn a_lost_identity_secret_is_reported_and_never_minted_again() {
 }
 
 #[tokio::test]
-async fn deleting_the_cluster_releases_the_finalizer_and_its_children_go_with_it() {
+async fn deleting_the_cluster_waits_for_the_operator_then_releases_the_finalizer_and_its_children_go_with_it(
+) {
     let ns = "delete";
-    let Some((server, client, _operator, created)) = cluster_with_operator(ns).await else {
+    let Some((server, client, operator, created)) = cluster_with_operator(ns).await else {
         return;
     };
     server.start_garbage_collector();
@@ -408,8 +409,16 @@ async fn deleting_the_cluster_releases_the_finalizer_and_its_children_go_with_it
         );
     }
 
+    // With no operator running, the finalizer holds the cluster (and so its children).
+    operator.kill();
     let api: Api<CephCluster> = Api::namespaced(client.clone(), ns);
     api.delete("c", &DeleteParams::default()).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = api.get("c").await.expect("held by its finalizer");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert!(secrets.get_opt("rook-ceph-mon").await.unwrap().is_some());
+
+    let _operator = Operator::start(server, ns);
     eventually("the CephCluster is gone (finalizer released)", || {
         let api = api.clone();
         async move { api.get_opt("c").await.unwrap().is_none().then_some(()) }
