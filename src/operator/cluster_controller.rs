@@ -139,12 +139,7 @@ async fn ensure_identity(
             }));
         }
         let minted = ClusterIdentity::mint()?;
-        let secret = Secret {
-            metadata: child_meta(cluster, names::MON_SECRET),
-            data: Some(minted.to_secret_data(ns)),
-            type_: Some("kubernetes.io/rook".into()),
-            ..Default::default()
-        };
+        let secret = rook_secret(cluster, names::MON_SECRET, minted.to_secret_data(ns));
         let pp = PostParams {
             field_manager: Some(FIELD_MANAGER.into()),
             ..Default::default()
@@ -221,22 +216,26 @@ fn bytes(pairs: &[(&str, &str)]) -> BTreeMap<String, ByteString> {
         .collect()
 }
 
-/// The four children of the identity step, as this cluster's state renders them.
-fn render_children(
-    cluster: &CephCluster,
-    ns: &str,
-    identity: &ClusterIdentity,
-    endpoints: &MonEndpoints,
-) -> (Vec<Secret>, ConfigMap) {
-    let secret = |name: &str, data: BTreeMap<String, ByteString>| Secret {
+fn rook_secret(cluster: &CephCluster, name: &str, data: BTreeMap<String, ByteString>) -> Secret {
+    Secret {
         metadata: child_meta(cluster, name),
         data: Some(data),
         type_: Some("kubernetes.io/rook".into()),
         ..Default::default()
-    };
+    }
+}
+
+/// The children derived from the identity and the mons, as this cluster's state renders them.
+/// Not Secret `rook-ceph-mon`: it is created once and never written again, so a reconcile that
+/// read it just before someone deleted it cannot bring it back and hide the loss.
+fn render_children(
+    cluster: &CephCluster,
+    identity: &ClusterIdentity,
+    endpoints: &MonEndpoints,
+) -> (Vec<Secret>, ConfigMap) {
+    let secret = |name: &str, data| rook_secret(cluster, name, data);
     let keyring: SecretValue = identity.admin_keyring();
     let secrets = vec![
-        secret(names::MON_SECRET, identity.to_secret_data(ns)),
         secret(
             names::CONFIG_SECRET,
             bytes(&[
@@ -264,7 +263,7 @@ async fn apply_children(
     identity: &ClusterIdentity,
     endpoints: &MonEndpoints,
 ) -> Result<(), Error> {
-    let (secrets, config_map) = render_children(cluster, ns, identity, endpoints);
+    let (secrets, config_map) = render_children(cluster, identity, endpoints);
     // force: these objects are the operator's; a field another manager set is taken back.
     let pp = PatchParams::apply(FIELD_MANAGER).force();
     let secret_api: Api<Secret> = Api::namespaced(ctx.client.clone(), ns);
@@ -443,10 +442,13 @@ mod tests {
 
     #[test]
     fn every_child_is_owned_by_the_cluster_as_its_controller_and_labelled() {
+        // (The identity Secret is made in ensure_identity and is not among the applied children.)
         let c = cluster();
         let id = ClusterIdentity::mint().unwrap();
-        let (secrets, cm) = render_children(&c, "ns", &id, &MonEndpoints::default());
-        let mut metas: Vec<&ObjectMeta> = secrets.iter().map(|s| &s.metadata).collect();
+        let (secrets, cm) = render_children(&c, &id, &MonEndpoints::default());
+        let identity = rook_secret(&c, names::MON_SECRET, id.to_secret_data("ns"));
+        let mut metas: Vec<&ObjectMeta> = vec![&identity.metadata];
+        metas.extend(secrets.iter().map(|s| &s.metadata));
         metas.push(&cm.metadata);
         let names: Vec<_> = metas.iter().map(|m| m.name.as_deref().unwrap()).collect();
         assert_eq!(
