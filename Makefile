@@ -6,7 +6,7 @@ GOBIN ?= $(HOME)/go/bin
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(GOBIN)/csi-sanity
 
-.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check e2e e2e-full
+.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check e2e e2e-full crds
 
 help: ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -49,6 +49,11 @@ e2e-full: deps ## as e2e, with every storage e2e spec a single node can run
 
 fresh-root-check: ## make demo in a fresh Debian 12 root (mmdebstrap): proves `make deps` is complete
 	bash scripts/fresh-root-check.sh
+
+crds: ## regenerate deploy/operator/crds.yaml from the Rust types (rook-rbd crdgen)
+	mkdir -p deploy/operator
+	cargo run --locked --quiet -- crdgen > deploy/operator/crds.yaml.tmp
+	mv deploy/operator/crds.yaml.tmp deploy/operator/crds.yaml
 
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --check

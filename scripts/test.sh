@@ -30,6 +30,20 @@ cargo build --locked --all-targets
 step "unit tests"
 cargo test --locked --lib --bins
 
+# --- operator, tier 1: a real etcd + kube-apiserver on 127.0.0.1 (tests/apiserver) -----------
+# tools.sh build is a few `test -x` once the pinned binaries are cached; the tests fail, not skip,
+# without them. Each test binary kills its daemons and removes its state at exit: in a TMPDIR of
+# this run's own, no process may name it and nothing may be left in it.
+step "operator tests against a real kube-apiserver + etcd"
+bash k8s-tests/tools.sh build
+op_tmp=$(mktemp -d)
+TMPDIR=$op_tmp ROOK_RBD_REQUIRE_APISERVER=1 cargo test --locked --test 'operator_*'
+if pgrep -af -- "$op_tmp" || [[ -n $(ls -A "$op_tmp") ]]; then
+  echo "left behind by the operator tests (above, and in $op_tmp):"; ls -A "$op_tmp"; exit 1
+fi
+rmdir "$op_tmp"; echo "no apiserver or etcd left"
+# --- end operator ---------------------------------------------------------------------------
+
 step "dev cluster"
 trap cleanup EXIT
 bash scripts/ceph-dev.sh up "$CEPH_DEV_DIR"

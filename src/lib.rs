@@ -9,5 +9,6 @@ pub mod csi;
 pub mod memory;
 pub mod metrics;
 pub mod node;
+pub mod operator;
 pub mod secret;
 pub mod volume;

@@ -14,7 +14,7 @@ use std::time::Duration;
     about = "Ceph RBD block storage for Kubernetes",
     long_about = "Ceph RBD block storage for Kubernetes.\n\n\
         One binary: the CSI driver (controller and node plugin), a CSI client for debugging,\n\
-        and a benchmark. Start with `rook-rbd csi --help`.",
+        a benchmark, the operator, and the operator's CRDs (`crdgen`). Start with `rook-rbd csi --help`.",
     after_help = "Examples:\n  \
         rook-rbd csi --endpoint unix:///csi/csi.sock --cluster-config /etc/rook-rbd/config.json --controller\n  \
         rook-rbd client --endpoint unix:///csi/csi.sock probe"
@@ -58,6 +58,12 @@ enum Command {
     /// Drive any CSI endpoint and report latency, throughput and RSS, optionally next to a
     /// raw-librbd floor measured in the same run.
     Bench(rook_rbd::bench::BenchArgs),
+    /// Run the operator: reconcile CephClusters (the cluster identity and Rook's Secrets and
+    /// ConfigMaps so far). Finds the API server as kubectl does.
+    Operator(rook_rbd::operator::run::OperatorArgs),
+    /// Print the operator's CRDs (CephCluster, CephBlockPool) as YAML; deploy/operator/crds.yaml
+    /// is this output.
+    Crdgen,
 }
 
 #[derive(clap::Args)]
@@ -161,6 +167,19 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Crdgen) {
+        // No runtime, no logging: the output is a file.
+        return match rook_rbd::operator::crd::crds_yaml() {
+            Ok(yaml) => {
+                print!("{yaml}");
+                std::process::ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: rendering the CRDs: {e}");
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
     if matches!(cli.command, Command::Csi(_)) {
         rook_rbd::memory::limit_arenas();
     }
@@ -217,6 +236,8 @@ fn main() -> std::process::ExitCode {
             }
             Command::Client(a) => rook_rbd::client::cli::run(a).await,
             Command::Bench(a) => rook_rbd::bench::run(a).await,
+            Command::Operator(a) => rook_rbd::operator::run::run(a).await,
+            Command::Crdgen => unreachable!("handled before the runtime starts"),
         }
     });
     match res {
