@@ -7,7 +7,8 @@
 #   - the CSI sidecars and snapshot-controller under their registry.k8s.io/sig-storage names
 #     (each a static Go binary on an empty root, built by tools.sh);
 #   - pause (compiled from pause.c in the Kubernetes module), busybox (Debian's busybox-static)
-#     and agnhost under the names kubelet and the e2e suite ask for.
+#     and agnhost (on busybox, as upstream's is on Alpine) under the names kubelet and the e2e
+#     suite ask for.
 # Podman's storage lives in the cache, so base images and build layers survive between runs.
 # Usage: images.sh OUT.tar
 set -euo pipefail
@@ -97,19 +98,41 @@ binary_image() {
   touch "$W/stamp-${name//[\/:]/_}"
 }
 
-busybox_image() {
-  local dir
-  have_image docker.io/library/busybox:1.36 && return
-  dir=$(mktemp -d)
+# A busybox root: Debian's busybox-static and its applets, root and nobody.
+busybox_root() {
+  local dir=$1
   mkdir -p "$dir"/{bin,etc,tmp,root,proc,sys,dev}
   cp /bin/busybox "$dir/bin/busybox"
   for a in $(/bin/busybox --list); do [[ -e $dir/bin/$a ]] || ln -s busybox "$dir/bin/$a"; done
   echo 'root:x:0:0:root:/root:/bin/sh' >"$dir/etc/passwd"
   echo 'root:x:0:' >"$dir/etc/group"
   echo 'nobody:x:65534:65534:nobody:/:/bin/false' >>"$dir/etc/passwd"
+}
+
+busybox_image() {
+  local dir
+  have_image docker.io/library/busybox:1.36 && return
+  dir=$(mktemp -d)
+  busybox_root "$dir"
   tar -C "$dir" -cf "$dir.tar" .
   podman import -q --change 'CMD ["sh"]' "$dir.tar" docker.io/library/busybox:1.36 >/dev/null
   rm -rf "$dir" "$dir.tar"
+}
+
+# agnhost as upstream ships it: on a busybox userland (upstream's is Alpine), because the suite's
+# host-exec pods run `nsenter --mount=/rootfs/proc/1/ns/mnt -- sh -c ...` in it; agnhost-2 is a
+# link some specs use.
+agnhost_image() {
+  local name=registry.k8s.io/e2e-test-images/agnhost:2.56 stamp=$W/stamp-agnhost-busybox dir
+  have_image "$name" && [[ -f $stamp && $stamp -nt $BIN/agnhost ]] && return
+  dir=$(mktemp -d)
+  busybox_root "$dir"
+  cp "$BIN/agnhost" "$dir/agnhost"
+  ln -s agnhost "$dir/agnhost-2"
+  tar -C "$dir" -cf "$dir.tar" .
+  podman import -q --change 'ENTRYPOINT ["/agnhost"]' "$dir.tar" "$name" >/dev/null
+  rm -rf "$dir" "$dir.tar"
+  touch "$stamp"
 }
 
 pause_image() {
@@ -136,7 +159,7 @@ for s in csi-provisioner:v6.4.0 csi-attacher:v4.13.0 csi-resizer:v2.3.0 csi-snap
 done
 pause_image
 busybox_image
-binary_image registry.k8s.io/e2e-test-images/agnhost:2.56 "$BIN/agnhost"
+agnhost_image
 # The e2e suite's busybox and nginx images: busybox stands in (the specs that run here only use
 # a shell, sleep, dd and the like).
 for t in registry.k8s.io/e2e-test-images/busybox:1.37.0-1 registry.k8s.io/e2e-test-images/busybox:1.36.1-1 \
