@@ -57,6 +57,9 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         creds.clone(),
         opts.controller_cfg.clone(),
     ));
+    if opts.controller {
+        controller.resume_purges();
+    }
     let health = Arc::new(Health::default());
     health.clone().spawn(
         clusters.health_targets(),

@@ -1,24 +1,16 @@
-//! DeleteVolume, and the sweep that removes trashed images of ours once their dependents are gone.
+//! DeleteVolume and DeleteSnapshot's last step: remove the image, or record it and move it to the
+//! RBD trash while dependents remain (`trash` purges it once they are gone); and which IDs a
+//! delete may treat as already gone.
 
-use super::{ignore_missing, Controller, TRASH_SOURCE_USER};
+use super::trash::{record_and_trash, Trashed, IN_USE};
+use super::{ignore_missing, Controller};
 use crate::ceph::pool::with_ioctx;
 use crate::ceph::{CephError, IoCtx};
-use crate::volume::naming::{self, SNAPSHOT_PREFIX};
-use crate::volume::{Error, VolumeId};
+use crate::volume::naming;
+use crate::volume::{Error, RunError, VolumeId};
 use std::collections::HashMap;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum TrashState {
-    /// Not swept by this process yet: an earlier one may have left something.
-    Unknown,
-    /// Something of ours is there, still waiting for its dependents.
-    Pending,
-    Sweeping,
-    /// A delete arrived during a sweep: sweep once more when it ends.
-    SweepAgain,
-    Clean,
-}
+use std::time::Duration;
 
 impl Controller {
     /// For deletes: the ID when it names an image of the wanted kind in a configured cluster.
@@ -47,128 +39,57 @@ impl Controller {
             return Ok(());
         };
         let creds = self.creds(secrets)?;
-        let _guard = self
-            .inflight
-            .try_enter(volume_id)
-            .ok_or_else(|| Error::aborted_in_flight(volume_id))?;
+        // The pool of an ID we issued existed when we made the image. If the cluster now says it
+        // does not, it was deleted, and every image in it with it.
         let io = match self.ioctx(&id.cluster_id, &id.pool, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
-        let image = id.image.clone();
-        let trashed = with_ioctx(io.clone(), move |io| remove_or_trash(io, &image))
-            .await
-            .map_err(Error::ceph(format!("deleting image {}", id.image)))?
-            .map_err(|why| Error::FailedPrecondition(format!("volume {volume_id} {why}")))?;
-        if trashed {
-            tracing::info!(
-                volume.id = volume_id,
-                "image has dependents; moved to the RBD trash until they are gone"
-            );
+        let trash = self.trash.clone();
+        let vid = volume_id.to_string();
+        // The move and its record run in a task of their own: a caller that gives up cannot
+        // leave an image trashed and not queued for its purge.
+        let work = async move {
+            let name = id.image.clone();
+            let trashed = with_ioctx(io.clone(), move |io| remove_or_record_and_trash(io, &name))
+                .await
+                .map_err(Error::ceph(format!("deleting image {}", id.image)))?
+                .map_err(|why| Error::FailedPrecondition(format!("volume {vid} {why}")))?;
+            match trashed {
+                Some(t) => trash.add(&id.cluster_id, &id.pool, &creds, t),
+                None => trash.poke(io.pool(), false),
+            }
+            Ok(())
+        };
+        match self.inflight.run(volume_id, work).await {
+            Ok(r) => r,
+            Err(RunError::Busy(_)) => Err(Error::aborted_in_flight(volume_id)),
+            Err(e) => Err(Error::Aborted(e.to_string())),
         }
-        self.sweep_trash_later(io, trashed);
-        Ok(())
     }
 
-    /// Removes trashed images of ours whose dependents have gone. Runs in the background.
-    /// Removes trashed images of ours whose dependents have gone, in the background.
-    ///
-    /// Costs a round trip only when it can find something: for a pool where this process trashed
-    /// an image, or the first time it deletes in a pool (an earlier process may have trashed some).
-    /// A pool's state is "clean" once a sweep leaves none of ours behind.
+    /// After a delete in a pool known by name only (DeleteSnapshot): a dependent of a waiting
+    /// entry may be gone, and with `trashed_now` a record was written there to be found.
     pub(super) fn sweep_trash_later(&self, io: Arc<IoCtx>, trashed_now: bool) {
-        {
-            let mut st = self.trash_state.lock().unwrap();
-            let state = st
-                .entry(io.pool().to_string())
-                .or_insert(TrashState::Unknown);
-            match (*state, trashed_now) {
-                (TrashState::Sweeping, _) => {
-                    *state = TrashState::SweepAgain;
-                    return;
-                }
-                (TrashState::SweepAgain, _) => return,
-                (TrashState::Clean, false) => return,
-                _ => *state = TrashState::Sweeping,
-            }
-        }
-        let prefixes: Vec<String> = self
-            .prefixes
-            .lock()
-            .unwrap()
-            .iter()
-            .cloned()
-            .chain([SNAPSHOT_PREFIX.to_string()])
-            .collect();
-        let states = self.trash_state.clone();
-        tokio::spawn(async move {
-            loop {
-                let p = prefixes.clone();
-                let res = with_ioctx(io.clone(), move |io| {
-                    // Removing a trashed clone can free its trashed parent: go round while a
-                    // pass makes progress.
-                    let mut removed = 0;
-                    loop {
-                        let (mut now, mut left) = (0, 0);
-                        for e in io.trash_list()? {
-                            if e.source != TRASH_SOURCE_USER
-                                || !p.iter().any(|p| e.name.starts_with(p))
-                            {
-                                continue;
-                            }
-                            match io.trash_remove(&e.id) {
-                                Ok(()) => now += 1,
-                                Err(_) => left += 1,
-                            }
-                        }
-                        removed += now;
-                        if now == 0 || left == 0 {
-                            return Ok((removed, left));
-                        }
-                    }
-                })
-                .await;
-                let left = match res {
-                    Ok((removed, left)) => {
-                        if removed > 0 {
-                            tracing::info!(removed, left, "swept images from the RBD trash");
-                        }
-                        left
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "trash sweep failed");
-                        1
-                    }
-                };
-                let mut st = states.lock().unwrap();
-                let state = st
-                    .entry(io.pool().to_string())
-                    .or_insert(TrashState::Unknown);
-                match *state {
-                    TrashState::SweepAgain => *state = TrashState::Sweeping,
-                    _ => {
-                        *state = if left == 0 {
-                            TrashState::Clean
-                        } else {
-                            TrashState::Pending
-                        };
-                        return;
-                    }
-                }
-            }
-        });
+        self.trash.poke(io.pool(), trashed_now);
     }
 }
 
-/// Removes an image, or moves it to the trash when snapshots or clones still depend on it.
-/// The inner error is the reason it cannot go at all (a client still uses it).
+/// Removes an image, or, when snapshots or clones still depend on it, records it and moves it to
+/// the trash to be purged once they are gone. The inner error is why it cannot go at all (a
+/// client still uses it).
 pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, String>, CephError> {
+    Ok(remove_or_record_and_trash(io, name)?.map(|t| t.is_some()))
+}
+
+fn remove_or_record_and_trash(
+    io: &IoCtx,
+    name: &str,
+) -> Result<Result<Option<Trashed>, String>, CephError> {
     match io.remove_image(name) {
-        Ok(()) => Ok(Ok(false)),
-        Err(e) if e.not_found() => Ok(Ok(false)),
-        Err(e) if e.is(libc::EBUSY) => Ok(Err(
-            "is still in use: the image is mapped or watched by a client".into(),
-        )),
+        Ok(()) => Ok(Ok(None)),
+        Err(e) if e.not_found() => Ok(Ok(None)),
+        Err(e) if e.is(libc::EBUSY) => Ok(Err(IN_USE.into())),
         Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
             // Drop our own leftover temporary snapshots; then trash what still has dependents.
             if let Ok(img) = io.open_image(name) {
@@ -181,22 +102,12 @@ pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, Str
                 }
             }
             match io.remove_image(name) {
-                Ok(()) => return Ok(Ok(false)),
+                Ok(()) => return Ok(Ok(None)),
                 Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {}
-                Err(e) if e.is(libc::EBUSY) => {
-                    return Ok(Err(
-                        "is still in use: the image is mapped or watched by a client".into(),
-                    ))
-                }
+                Err(e) if e.is(libc::EBUSY) => return Ok(Err(IN_USE.into())),
                 Err(e) => return Err(e),
             }
-            match io.trash_move(name) {
-                Ok(()) => Ok(Ok(true)),
-                Err(e) if e.is(libc::EBUSY) => Ok(Err(
-                    "is still in use: the image is mapped or watched by a client".into(),
-                )),
-                Err(e) => Err(e),
-            }
+            record_and_trash(io, name, Duration::ZERO)
         }
         Err(e) => Err(e),
     }

@@ -6,7 +6,7 @@
 //! Idempotency comes from deterministic names (`naming`): a retried request finds the image it
 //! made before, and a half-made one is completed or removed. Snapshots are images of their own
 //! (a clone of the source plus one snapshot), so deleting a source never breaks its snapshots.
-//! An image that still has dependents goes to the RBD trash and is swept when they are gone.
+//! A deleted volume goes to the RBD trash and is purged in the background (`trash`).
 
 mod attach;
 mod create;
@@ -15,6 +15,7 @@ mod expand;
 mod list;
 mod registry;
 mod snapshot;
+mod trash;
 
 pub use registry::node_object;
 
@@ -24,7 +25,6 @@ use super::{
 };
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, IoCtx};
-use delete::TrashState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -137,8 +137,8 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// Image-name prefixes this controller has created with, for listing and trash sweeps.
     prefixes: Mutex<BTreeSet<String>>,
-    /// Per pool: whether the RBD trash may hold images of ours.
-    trash_state: Arc<Mutex<HashMap<String, TrashState>>>,
+    /// What this driver moved to the RBD trash, and the purgers that remove it.
+    trash: Arc<trash::Trash>,
 }
 
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
@@ -204,6 +204,7 @@ impl Controller {
         let mut prefixes = BTreeSet::new();
         prefixes.insert(VOLUME_PREFIX.to_string());
         Self {
+            trash: trash::Trash::new(pool.clone(), clusters.clone()),
             clusters,
             pool,
             default_creds,
@@ -211,7 +212,6 @@ impl Controller {
             create_slots: Semaphore::new(cfg.create_concurrency.max(1)),
             cfg,
             prefixes: Mutex::new(prefixes),
-            trash_state: Default::default(),
         }
     }
 
