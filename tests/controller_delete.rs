@@ -1,5 +1,6 @@
 //! DeleteVolume and the RBD trash against a real Ceph cluster: only images this driver trashed are
-//! ever purged.
+//! ever purged, never before their deferment ends, purges resume after a kill -9, and a delete
+//! that cannot tell whether the volume exists fails closed.
 
 mod common;
 
@@ -7,6 +8,7 @@ use common::*;
 use rook_rbd::client::CsiClient;
 use rook_rbd::csi::proto;
 use std::time::{Duration, Instant};
+use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
@@ -186,4 +188,74 @@ async fn foreign_trash_entries_survive_every_sweep() {
             foreign.missing()
         );
     }
+}
+
+/// A cluster config with a typo: the real cluster's ID is not in it.
+fn typo_config(c: &Cluster) -> (tempfile::TempDir, Cluster) {
+    let dir = tempfile::tempdir_in("/tmp").unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.dir.join("cluster-config.json")).unwrap())
+            .unwrap();
+    let typo = format!("{}x", c.fsid);
+    let bad = serde_json::json!([{"clusterID": typo, "monitors": cfg[0]["monitors"]}]);
+    std::fs::write(dir.path().join("cluster-config.json"), bad.to_string()).unwrap();
+    let other = Cluster {
+        dir: dir.path().to_path_buf(),
+        fsid: typo,
+        key: c.key.clone(),
+    };
+    (dir, other)
+}
+
+/// A well-formed ID of a cluster that is not in the config may name a volume that exists: OK
+/// would leak it, so the delete fails closed (FailedPrecondition, which the provisioner retries
+/// until the config is fixed). Malformed IDs and missing pools still succeed.
+#[tokio::test]
+async fn delete_of_a_volume_in_an_unknown_cluster_fails_closed() {
+    let c = cluster_or_return!();
+    let good = Driver::start(&c, &["--controller"]);
+    let mut gcl = good.client().await;
+    let vol = create(&mut gcl, &c, &unique("typo")).await;
+    let snap = snapshot(&mut gcl, &c, &vol).await;
+
+    let (_dir, typo) = typo_config(&c);
+    let bad = Driver::start(&typo, &["--controller"]);
+    let mut bcl = bad.client().await;
+    let e = delete(&mut bcl, &c, &vol)
+        .await
+        .expect_err("must fail closed");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&c.fsid),
+        "names the cluster: {}",
+        e.message()
+    );
+    let e = delete_snapshot(&mut bcl, &c, &snap)
+        .await
+        .expect_err("must fail closed");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(c.images().contains(&image_of(&vol)), "nothing is lost");
+    assert!(c.images().contains(&image_of(&snap)), "nothing is lost");
+
+    // Not IDs this driver ever issued: nothing to delete.
+    for id in ["fake-vol-id-1", "0001-00zz-x", ""] {
+        let r = delete(&mut bcl, &c, id).await;
+        match id {
+            "" => assert_eq!(r.unwrap_err().code(), Code::InvalidArgument),
+            _ => r.unwrap_or_else(|e| panic!("{id}: {e:?}")),
+        }
+        delete_snapshot(&mut bcl, &c, "fake-snap-id-1")
+            .await
+            .unwrap();
+    }
+    // A pool that the (configured) cluster does not have is a deleted pool: its images are gone.
+    let in_missing_pool = format!("0001-0024-{}-0007-nopool-csi-vol-1", c.fsid);
+    delete(&mut gcl, &c, &in_missing_pool).await.unwrap();
+    let snap_in_missing_pool = format!("0001-0024-{}-0007-nopool-csi-snap-1", c.fsid);
+    delete_snapshot(&mut gcl, &c, &snap_in_missing_pool)
+        .await
+        .unwrap();
+
+    delete_snapshot(&mut gcl, &c, &snap).await.unwrap();
+    delete(&mut gcl, &c, &vol).await.unwrap();
 }

@@ -13,8 +13,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 impl Controller {
-    /// For deletes: the ID when it names an image of the wanted kind in a configured cluster.
-    /// A malformed or foreign ID means there is nothing to delete (`None`), which is success.
+    /// For deletes: the ID when it names an image of the wanted kind, `None` when it cannot name
+    /// anything this driver made (malformed, or of the other kind), which is success.
+    ///
+    /// A well-formed ID of a cluster that is not in the config fails closed: the volume may well
+    /// exist (the config has a typo, or lost an entry), and OK would make the CO forget it for
+    /// good. FailedPrecondition says what gRPC means by it: the system is not in a state where the
+    /// call can work, and retrying is useless until someone fixes that state. CSI's own codes do
+    /// not fit: NotFound means "deleted" to the CO, and InvalidArgument is for a request that is
+    /// wrong whatever the state, which this ID is not. The external-provisioner (and -snapshotter)
+    /// retry a failed delete with backoff whatever its code and report it as an event on the PV,
+    /// so the volume is deleted once the config is fixed.
     pub(super) fn id_to_delete(
         &self,
         raw: &str,
@@ -24,10 +33,20 @@ impl Controller {
         if raw.is_empty() {
             return Err(Error::InvalidArgument(format!("{field} is required")));
         }
-        Ok(VolumeId::decode(raw).ok().filter(|id| {
-            naming::is_snapshot_image(&id.image) == snapshot
-                && self.clusters.get(&id.cluster_id).is_some()
-        }))
+        let Some(id) = VolumeId::decode(raw)
+            .ok()
+            .filter(|id| naming::is_snapshot_image(&id.image) == snapshot)
+        else {
+            return Ok(None);
+        };
+        if self.clusters.get(&id.cluster_id).is_none() {
+            return Err(Error::FailedPrecondition(format!(
+                "{field} {raw} is in cluster {:?}, which is not in the cluster config; \
+                 refusing to report it deleted",
+                id.cluster_id
+            )));
+        }
+        Ok(Some(id))
     }
 
     pub async fn delete_volume(
