@@ -56,16 +56,26 @@ pub(super) struct Record {
     pub deleted_at: u64,
     /// Unix seconds; the image is never purged before this second.
     pub purge_after: u64,
+    /// The image a clone was made from, (pool, image ID): once the clone is purged, a trashed
+    /// parent may be free to go. Kept here so that a purge never has to open the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<(String, String)>,
 }
 
 impl Record {
-    pub fn new(name: &str, now: Duration, deferment: Duration) -> Self {
+    pub fn new(
+        name: &str,
+        now: Duration,
+        deferment: Duration,
+        parent: Option<(String, String)>,
+    ) -> Self {
         let end = now + deferment;
         Self {
             name: name.to_string(),
             deleted_at: now.as_secs(),
             // Rounded up: a purge at a whole second >= purge_after is never early.
             purge_after: end.as_secs() + u64::from(end.subsec_nanos() > 0),
+            parent,
         }
     }
 }
@@ -104,8 +114,9 @@ pub(super) fn record_and_trash(
         return Ok(Err(IN_USE.into()));
     }
     let id = img.id()?;
+    let parent = img.parent()?.map(|p| (p.pool, p.image_id));
     drop(img);
-    let record = Record::new(name, now(), deferment);
+    let record = Record::new(name, now(), deferment, parent);
     let json = serde_json::to_vec(&record).expect("a record serializes");
     io.write_full(&record_object(&id), &json)?;
     match io.trash_move(name) {
@@ -126,23 +137,15 @@ pub(super) fn record_and_trash(
 #[derive(Debug, PartialEq, Eq)]
 enum Purged {
     /// The image and its record are gone (or the image was restored, and the record is gone).
-    /// A trashed parent it had, (pool, image ID), may be free to go now.
-    Done(Option<(String, String)>),
+    Done,
     /// Not yet: dependents or a client keep it.
     Waiting(&'static str),
 }
 
-/// Blocking: removes a recorded trash entry, then its record.
+/// Blocking: removes a recorded trash entry, then its record. It never opens the image on the
+/// way (an open is a watch, and a watched image cannot be removed by anyone, another controller
+/// purging the same pool included), except to drop our leftover temporary snapshots.
 fn purge_one(io: &IoCtx, id: &str) -> Result<Purged, CephError> {
-    // Read first: once the clone is gone, its trashed parent is the one entry it may free.
-    let parent = match io.open_image_by_id(id) {
-        Ok(img) => img
-            .parent()?
-            .filter(|p| p.trashed)
-            .map(|p| (p.pool, p.image_id)),
-        Err(e) if e.not_found() => None,
-        Err(e) => return Err(e),
-    };
     let mut dropped_temp_snaps = false;
     loop {
         match io.trash_remove(id) {
@@ -164,7 +167,7 @@ fn purge_one(io: &IoCtx, id: &str) -> Result<Purged, CephError> {
         }
     }
     io.remove_object(&record_object(id))?;
-    Ok(Purged::Done(parent))
+    Ok(Purged::Done)
 }
 
 /// Removes our temporary snapshots from a trashed image; whether there were any.
@@ -474,10 +477,12 @@ impl Purger {
             .await;
             let mut st = self.state.lock().unwrap();
             match res {
-                Ok(Purged::Done(parent)) => {
-                    if let Some(e) = st.entries.remove(&id) {
+                Ok(Purged::Done) => {
+                    let parent = st.entries.remove(&id).and_then(|e| {
                         tracing::info!(pool = %self.pool, image = %e.record.name, image.id = %id, "purged from the RBD trash");
-                    }
+                        e.record.parent
+                    });
+                    // The clone is gone: its parent, if we trashed it, may go too.
                     if let Some((pool, parent)) = parent {
                         if pool == self.pool {
                             st.retry(&parent);
@@ -545,6 +550,7 @@ mod tests {
                 name: "n".into(),
                 deleted_at: 0,
                 purge_after,
+                parent: None,
             },
             retry_at: 0,
             failures: 0,
@@ -568,11 +574,11 @@ mod tests {
     #[test]
     fn a_record_is_never_due_before_its_deferment_ends() {
         let now = Duration::from_millis(1_000_400);
-        let r = Record::new("img", now, Duration::from_secs(5));
+        let r = Record::new("img", now, Duration::from_secs(5), None);
         assert_eq!(r.deleted_at, 1000);
         // 1005.4 s rounds up: at whole second 1005 the deferment has not ended.
         assert_eq!(r.purge_after, 1006);
-        let r = Record::new("img", Duration::from_secs(1000), Duration::ZERO);
+        let r = Record::new("img", Duration::from_secs(1000), Duration::ZERO, None);
         assert_eq!(r.purge_after, 1000);
     }
 
