@@ -1,8 +1,8 @@
-//! DeleteVolume and DeleteSnapshot's last step: remove the image, or record it and move it to the
-//! RBD trash while dependents remain (`trash` purges it once they are gone); and which IDs a
-//! delete may treat as already gone.
+//! DeleteVolume: record the image and move it to the RBD trash, then return; `trash` purges it
+//! in the background once its deferment has ended. Also the remove-or-trash step of
+//! DeleteSnapshot, and which IDs a delete may treat as already gone.
 
-use super::trash::{record_and_trash, Trashed, IN_USE};
+use super::trash::{record_and_trash, IN_USE};
 use super::{ignore_missing, Controller};
 use crate::ceph::pool::with_ioctx;
 use crate::ceph::{CephError, IoCtx};
@@ -64,19 +64,18 @@ impl Controller {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
-        let trash = self.trash.clone();
+        let (trash, deferment) = (self.trash.clone(), self.cfg.trash_deferment);
         let vid = volume_id.to_string();
         // The move and its record run in a task of their own: a caller that gives up cannot
         // leave an image trashed and not queued for its purge.
         let work = async move {
             let name = id.image.clone();
-            let trashed = with_ioctx(io.clone(), move |io| remove_or_record_and_trash(io, &name))
+            let trashed = with_ioctx(io, move |io| record_and_trash(io, &name, deferment))
                 .await
                 .map_err(Error::ceph(format!("deleting image {}", id.image)))?
                 .map_err(|why| Error::FailedPrecondition(format!("volume {vid} {why}")))?;
-            match trashed {
-                Some(t) => trash.add(&id.cluster_id, &id.pool, &creds, t),
-                None => trash.poke(io.pool(), false),
+            if let Some(t) = trashed {
+                trash.add(&id.cluster_id, &id.pool, &creds, t);
             }
             Ok(())
         };
@@ -98,16 +97,9 @@ impl Controller {
 /// the trash to be purged once they are gone. The inner error is why it cannot go at all (a
 /// client still uses it).
 pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, String>, CephError> {
-    Ok(remove_or_record_and_trash(io, name)?.map(|t| t.is_some()))
-}
-
-fn remove_or_record_and_trash(
-    io: &IoCtx,
-    name: &str,
-) -> Result<Result<Option<Trashed>, String>, CephError> {
     match io.remove_image(name) {
-        Ok(()) => Ok(Ok(None)),
-        Err(e) if e.not_found() => Ok(Ok(None)),
+        Ok(()) => Ok(Ok(false)),
+        Err(e) if e.not_found() => Ok(Ok(false)),
         Err(e) if e.is(libc::EBUSY) => Ok(Err(IN_USE.into())),
         Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
             // Drop our own leftover temporary snapshots; then trash what still has dependents.
@@ -121,12 +113,12 @@ fn remove_or_record_and_trash(
                 }
             }
             match io.remove_image(name) {
-                Ok(()) => return Ok(Ok(None)),
+                Ok(()) => return Ok(Ok(false)),
                 Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {}
                 Err(e) if e.is(libc::EBUSY) => return Ok(Err(IN_USE.into())),
                 Err(e) => return Err(e),
             }
-            record_and_trash(io, name, Duration::ZERO)
+            Ok(record_and_trash(io, name, Duration::ZERO)?.map(|t| t.is_some()))
         }
         Err(e) => Err(e),
     }

@@ -162,7 +162,8 @@ impl Controller {
     }
 
     /// Bytes available for new volumes in a pool (`max_avail` from `ceph df`), or in the whole
-    /// cluster when no pool is given.
+    /// cluster when no pool is given. Deleted volumes waiting in the trash are already counted as
+    /// used: their objects stay stored until the purge, so subtracting them would count them twice.
     pub async fn capacity(&self, params: &HashMap<String, String>) -> Result<u64, Error> {
         let creds = self.creds(&HashMap::new())?;
         let ids: Vec<String> = match params.get("clusterID") {

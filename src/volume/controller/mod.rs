@@ -115,6 +115,8 @@ pub struct ControllerConfig {
     pub max_clone_depth: u32,
     pub create_concurrency: usize,
     pub create_queue_timeout: Duration,
+    /// How long a deleted volume stays in the RBD trash before it is purged.
+    pub trash_deferment: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -123,6 +125,7 @@ impl Default for ControllerConfig {
             max_clone_depth: 8,
             create_concurrency: 32,
             create_queue_timeout: Duration::from_secs(20),
+            trash_deferment: Duration::ZERO,
         }
     }
 }

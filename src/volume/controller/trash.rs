@@ -214,6 +214,8 @@ struct Entry {
     /// Unix seconds before which no new attempt is made (after a failed one).
     retry_at: u64,
     failures: u32,
+    /// Something that may free it happened since its last attempt began.
+    poked: bool,
 }
 
 impl Entry {
@@ -248,12 +250,25 @@ impl State {
         }
     }
 
+    /// An attempt on `id` begins: only what happens from now on counts as news for it.
+    fn attempt(&mut self, id: &str) {
+        if let Some(e) = self.entries.get_mut(id) {
+            e.poked = false;
+        }
+    }
+
+    /// The attempt on `id` failed; returns how many have. If something that may free it
+    /// happened meanwhile, it is tried again at once, else after a backoff.
     fn failed(&mut self, id: &str, now: u64) -> u32 {
         let Some(e) = self.entries.get_mut(id) else {
             return 0;
         };
         e.failures += 1;
-        e.retry_at = now + backoff(e.failures);
+        e.retry_at = if e.poked {
+            0
+        } else {
+            now + backoff(e.failures)
+        };
         e.failures
     }
 
@@ -261,24 +276,25 @@ impl State {
     fn retry_waiting(&mut self) {
         for e in self.entries.values_mut() {
             e.retry_at = 0;
+            e.poked = true;
         }
     }
 
-    /// Whether an entry was waiting and may now go.
+    /// The one entry that may have been freed; whether it is here.
     fn retry(&mut self, id: &str) -> bool {
-        match self.entries.get_mut(id) {
-            Some(e) if e.retry_at > 0 => {
-                e.retry_at = 0;
-                true
-            }
-            _ => false,
-        }
+        let Some(e) = self.entries.get_mut(id) else {
+            return false;
+        };
+        e.retry_at = 0;
+        e.poked = true;
+        true
     }
 }
 
-/// Seconds before attempt `failures + 1`: 5, 10, 20, ... up to five minutes.
+/// Seconds before attempt `failures + 1`: 1, 2, 4, ... up to five minutes. Short at first: a
+/// client that had the image open (another controller purging it too) is gone in moments.
 fn backoff(failures: u32) -> u64 {
-    (5u64 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF_SECS)
+    (1u64 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF_SECS)
 }
 
 /// One pool's purger: a task that sleeps until the next entry is due or something wakes it.
@@ -351,6 +367,7 @@ impl Trash {
                 record: t.record,
                 retry_at: 0,
                 failures: 0,
+                poked: false,
             },
         );
         p.wake.notify_one();
@@ -455,6 +472,7 @@ impl Purger {
                             record,
                             retry_at: 0,
                             failures: 0,
+                            poked: false,
                         });
                     }
                 }
@@ -467,8 +485,13 @@ impl Purger {
         }
         loop {
             let now = now().as_secs();
-            let Some(id) = self.state.lock().unwrap().next_due(now) else {
-                break;
+            let id = {
+                let mut st = self.state.lock().unwrap();
+                let Some(id) = st.next_due(now) else {
+                    break;
+                };
+                st.attempt(&id);
+                id
             };
             let res = blocking({
                 let (io, id) = (io.clone(), id.clone());
@@ -554,6 +577,7 @@ mod tests {
             },
             retry_at: 0,
             failures: 0,
+            poked: false,
         }
     }
 
@@ -597,15 +621,23 @@ mod tests {
     #[test]
     fn a_failed_purge_backs_off_until_a_delete_may_have_freed_it() {
         let mut st = state(&[("a", 10)]);
+        st.attempt("a");
         assert_eq!(st.failed("a", 10), 1);
-        assert_eq!(st.next_due(14), None);
-        assert_eq!(st.next_due(15).as_deref(), Some("a"));
+        assert_eq!(st.next_due(10), None);
+        assert_eq!(st.next_due(11).as_deref(), Some("a"));
+        st.attempt("a");
         st.failed("a", 15);
-        assert_eq!(st.next_due(24), None);
+        assert_eq!(st.next_due(16), None);
         st.retry_waiting();
         assert_eq!(st.next_due(16).as_deref(), Some("a"));
-        assert_eq!(backoff(1), 5);
-        assert_eq!(backoff(3), 20);
+        // Freed while an attempt was running: that attempt's failure is stale news.
+        st.attempt("a");
+        assert!(st.retry("a"));
+        st.failed("a", 16);
+        assert_eq!(st.next_due(16).as_deref(), Some("a"));
+        assert!(!st.retry("b"));
+        assert_eq!(backoff(1), 1);
+        assert_eq!(backoff(3), 4);
         assert_eq!(backoff(40), MAX_BACKOFF_SECS);
     }
 }
