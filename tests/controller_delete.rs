@@ -545,3 +545,50 @@ async fn capacity_counts_a_deleted_volume_as_used_until_it_is_purged() {
     );
     assert!(purged(&c, &[image]).await);
 }
+
+/// Writes a record object by hand, as the driver would.
+fn put_record(c: &Cluster, id: &str, name: &str) {
+    let tmp = tempfile::NamedTempFile::new().unwrap();
+    let rec = serde_json::json!({"name": name, "deleted_at": 0, "purge_after": 0});
+    std::fs::write(tmp.path(), rec.to_string()).unwrap();
+    let obj = format!("rook-rbd.trash.{id}");
+    c.rados(&["-p", "rbd", "put", &obj, tmp.path().to_str().unwrap()]);
+}
+
+/// A record acts only together with the trash entry it was written for: a record on a live image
+/// (a crash between the record and the move) leaves the image alone until the CO's retry, and a
+/// record whose name is not the trash entry's is not ours and moves nothing.
+#[tokio::test]
+async fn a_record_without_its_trash_entry_removes_nothing() {
+    let c = cluster_or_return!();
+    let mut d = Driver::start(&c, &["--controller"]);
+    let mut cl = d.client().await;
+    let live = create(&mut cl, &c, &unique("rec-live")).await;
+    let live_image = image_of(&live);
+    put_record(&c, &image_id(&c, &live_image), &live_image);
+    let foreign = Foreign::trash(&c);
+    let (fid, _) = trash_entries(&c)
+        .into_iter()
+        .find(|(_, n)| *n == foreign.names[0])
+        .unwrap();
+    put_record(&c, &fid, "csi-vol-some-other-name");
+    // A fresh process scans the pool; a delete after it shows its purger has run a pass since.
+    d.restart();
+    cl = d.client().await;
+    let probe = create(&mut cl, &c, &unique("rec-probe")).await;
+    delete(&mut cl, &c, &probe).await.unwrap();
+    assert!(purged(&c, &[image_of(&probe)]).await);
+    assert!(
+        c.images().contains(&live_image),
+        "a live image with a record was removed"
+    );
+    assert!(
+        foreign.missing().is_empty(),
+        "swept {:?}",
+        foreign.missing()
+    );
+    // The CO's retry completes the delete.
+    delete(&mut cl, &c, &live).await.unwrap();
+    assert!(purged(&c, &[live_image]).await);
+    c.rados(&["-p", "rbd", "rm", &format!("rook-rbd.trash.{fid}")]);
+}
