@@ -35,7 +35,7 @@ use crate::ceph::{CephError, ConnectionPool, IoCtx};
 use crate::volume::naming::TEMP_SNAP_PREFIX;
 use crate::volume::{ClusterConfig, ClusterEntry, Credentials};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::Notify;
@@ -44,6 +44,8 @@ pub(super) const RECORD_PREFIX: &str = "rook-rbd.trash.";
 pub(super) const IN_USE: &str = "is still in use: the image is mapped or watched by a client";
 /// How long an idle purger sleeps when nothing wakes it.
 const IDLE: Duration = Duration::from_secs(3600);
+/// Purges one purger runs at once.
+const PURGE_PARALLELISM: usize = 8;
 /// The longest wait before a failed purge is tried again.
 const MAX_BACKOFF_SECS: u64 = 300;
 
@@ -233,11 +235,11 @@ struct State {
 }
 
 impl State {
-    /// The next entry to purge at `now` (unix seconds).
-    fn next_due(&self, now: u64) -> Option<String> {
+    /// The next entry to purge at `now` (unix seconds), of those not being purged (`busy`).
+    fn next_due(&self, now: u64, busy: &HashSet<String>) -> Option<String> {
         self.entries
             .iter()
-            .filter(|(_, e)| e.due_at() <= now)
+            .filter(|(id, e)| e.due_at() <= now && !busy.contains(*id))
             .min_by_key(|(_, e)| e.due_at())
             .map(|(id, _)| id.clone())
     }
@@ -483,21 +485,37 @@ impl Purger {
                 }
             }
         }
+        // A purge walks the image's objects: several at once, so a burst of deletes that come due
+        // together is not served one after the other.
+        let mut running = tokio::task::JoinSet::new();
+        let mut busy = HashSet::new();
         loop {
-            let now = now().as_secs();
-            let id = {
-                let mut st = self.state.lock().unwrap();
-                let Some(id) = st.next_due(now) else {
-                    break;
+            while running.len() < PURGE_PARALLELISM {
+                let id = {
+                    let mut st = self.state.lock().unwrap();
+                    let Some(id) = st.next_due(now().as_secs(), &busy) else {
+                        break;
+                    };
+                    st.attempt(&id);
+                    id
                 };
-                st.attempt(&id);
-                id
+                busy.insert(id.clone());
+                let io = io.clone();
+                running.spawn(async move {
+                    let res = blocking({
+                        let id = id.clone();
+                        move || purge_one(&io, &id)
+                    })
+                    .await;
+                    (id, res)
+                });
+            }
+            // Only a panic outside the blocking call could fail the join; there is none to catch.
+            let Some(Ok((id, res))) = running.join_next().await else {
+                break;
             };
-            let res = blocking({
-                let (io, id) = (io.clone(), id.clone());
-                move || purge_one(&io, &id)
-            })
-            .await;
+            busy.remove(&id);
+            let now = now().as_secs();
             let mut st = self.state.lock().unwrap();
             match res {
                 Ok(Purged::Done) => {
@@ -608,9 +626,13 @@ mod tests {
 
     #[test]
     fn only_entries_whose_deferment_ended_are_due_earliest_first() {
+        let none = HashSet::new();
         let st = state(&[("a", 20), ("b", 10), ("c", 30)]);
-        assert_eq!(st.next_due(9), None);
-        assert_eq!(st.next_due(25).as_deref(), Some("b"));
+        assert_eq!(st.next_due(9, &none), None);
+        assert_eq!(st.next_due(25, &none).as_deref(), Some("b"));
+        // One being purged already is not handed out twice.
+        let busy = HashSet::from(["b".to_string()]);
+        assert_eq!(st.next_due(25, &busy).as_deref(), Some("a"));
         assert_eq!(
             st.sleep(Duration::from_millis(9_500)),
             Duration::from_millis(500)
@@ -620,21 +642,22 @@ mod tests {
 
     #[test]
     fn a_failed_purge_backs_off_until_a_delete_may_have_freed_it() {
+        let none = HashSet::new();
         let mut st = state(&[("a", 10)]);
         st.attempt("a");
         assert_eq!(st.failed("a", 10), 1);
-        assert_eq!(st.next_due(10), None);
-        assert_eq!(st.next_due(11).as_deref(), Some("a"));
+        assert_eq!(st.next_due(10, &none), None);
+        assert_eq!(st.next_due(11, &none).as_deref(), Some("a"));
         st.attempt("a");
         st.failed("a", 15);
-        assert_eq!(st.next_due(16), None);
+        assert_eq!(st.next_due(16, &none), None);
         st.retry_waiting();
-        assert_eq!(st.next_due(16).as_deref(), Some("a"));
+        assert_eq!(st.next_due(16, &none).as_deref(), Some("a"));
         // Freed while an attempt was running: that attempt's failure is stale news.
         st.attempt("a");
         assert!(st.retry("a"));
         st.failed("a", 16);
-        assert_eq!(st.next_due(16).as_deref(), Some("a"));
+        assert_eq!(st.next_due(16, &none).as_deref(), Some("a"));
         assert!(!st.retry("b"));
         assert_eq!(backoff(1), 1);
         assert_eq!(backoff(3), 4);
