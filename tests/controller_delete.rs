@@ -297,6 +297,30 @@ fn image_id(c: &Cluster, image: &str) -> String {
     info["id"].as_str().unwrap().to_string()
 }
 
+/// Runs `check` once a second until shortly before `end`; a failure it reports fails the test
+/// only if it was seen before `end`, since a slow machine may look too late.
+async fn until_deferment_ends<F, Fut>(end: Instant, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let mut checked = 0;
+    while Instant::now() + Duration::from_secs(3) < end {
+        let failure = check().await;
+        if Instant::now() < end {
+            if let Some(f) = failure {
+                panic!("{f}");
+            }
+            checked += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        checked > 0,
+        "the machine was too slow to look before the deferment ended"
+    );
+}
+
 /// Gone from the pool, the trash and the records, within a minute.
 async fn purged(c: &Cluster, images: &[String]) -> bool {
     eventually(Duration::from_secs(60), || {
@@ -327,20 +351,12 @@ async fn a_deleted_volume_waits_in_the_trash_until_its_deferment_ends_then_goes(
         records(&c).contains(&(format!("rook-rbd.trash.{id}"), image.clone())),
         "recorded by image ID"
     );
-    let mut checked = 0;
-    while t0.elapsed() + Duration::from_secs(2) < deferment {
+    until_deferment_ends(t0 + deferment, || {
         let there = trash_names(&c).contains(&image);
-        // Only what was seen before the deferment's end counts.
-        if t0.elapsed() < deferment {
-            assert!(there, "purged {:?} after the delete", t0.elapsed());
-            checked += 1;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(
-        checked > 0,
-        "the machine was too slow to look before the deferment ended"
-    );
+        let seen = t0.elapsed();
+        async move { (!there).then(|| format!("purged {seen:?} after the delete")) }
+    })
+    .await;
     assert!(purged(&c, &[image]).await, "never purged");
 }
 
@@ -516,23 +532,20 @@ async fn capacity_counts_a_deleted_volume_as_used_until_it_is_purged() {
     live = capacity(&mut cl, &c).await;
     let t0 = Instant::now();
     delete(&mut cl, &c, &vol).await.unwrap();
-    let mut checked = 0;
-    while t0.elapsed() + Duration::from_secs(3) < deferment {
-        let now = capacity(&mut cl, &c).await;
-        if t0.elapsed() < deferment {
-            assert!(
-                (now - live).abs() < 48 * MIB,
-                "{:?} into the deferment: capacity {live} -> {now}",
-                t0.elapsed()
-            );
-            checked += 1;
+    until_deferment_ends(t0 + deferment, || {
+        let mut cl = cl.clone();
+        let c = &c;
+        async move {
+            let now = capacity(&mut cl, c).await;
+            ((now - live).abs() >= 48 * MIB).then(|| {
+                format!(
+                    "{:?} into the deferment: capacity {live} -> {now}",
+                    t0.elapsed()
+                )
+            })
         }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert!(
-        checked > 0,
-        "the machine was too slow to look before the deferment ended"
-    );
+    })
+    .await;
     let mut after = live;
     let freed = Instant::now();
     while freed.elapsed() < Duration::from_secs(90) && after - live < 100 * MIB {
