@@ -605,3 +605,64 @@ async fn a_record_without_its_trash_entry_removes_nothing() {
     assert!(purged(&c, &[live_image]).await);
     c.rados(&["-p", "rbd", "rm", &format!("rook-rbd.trash.{fid}")]);
 }
+
+/// A librbd client opens the image (taking its watch and exclusive lock), then is killed: the OSD
+/// keeps its watch until it times out (30 s).
+async fn leave_a_dead_clients_watch(c: &Cluster, image: &str) {
+    let spec = format!("rbd/{image}");
+    let mut reader = std::process::Command::new("rbd")
+        .arg("-c")
+        .arg(c.dir.join("ceph.conf"))
+        .args(["bench", "--io-type", "read", "--io-total", "1T", &spec])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || c
+            .rbd(&["status", &spec])
+            .contains("watcher="))
+        .await
+    );
+    reader.kill().unwrap();
+    reader.wait().unwrap();
+}
+
+/// A client that died with the source open leaves its watch until the OSD times it out (30 s).
+/// librbd waits that out when it purges a clone (it opens the parent to detach it), so a delete
+/// of the source right after its clones must wait for those purges, not call the source in use.
+#[tokio::test]
+async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() {
+    let c = cluster_or_return!();
+    let d = Driver::start(&c, &["--controller"]);
+    let mut cl = d.client().await;
+    let src = create(&mut cl, &c, &unique("clonesrc")).await;
+    let mut images = vec![image_of(&src)];
+    let mut clones = Vec::new();
+    for i in 0..2 {
+        let mut req = create_req(&c, &unique(&format!("clone{i}")), 16 * MIB);
+        req.volume_content_source = Some(proto::VolumeContentSource {
+            r#type: Some(proto::volume_content_source::Type::Volume(
+                proto::volume_content_source::VolumeSource {
+                    volume_id: src.clone(),
+                },
+            )),
+        });
+        let id = cl
+            .controller
+            .create_volume(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        images.push(image_of(&id));
+        clones.push(id);
+    }
+    leave_a_dead_clients_watch(&c, &image_of(&src)).await;
+    for id in &clones {
+        delete(&mut cl, &c, id).await.unwrap();
+    }
+    delete(&mut cl, &c, &src).await.unwrap();
+    assert!(purged(&c, &images).await, "left behind");
+}

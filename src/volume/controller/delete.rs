@@ -2,7 +2,7 @@
 //! in the background once its deferment has ended. Also the remove-or-trash step of
 //! DeleteSnapshot, and which IDs a delete may treat as already gone.
 
-use super::trash::{record_and_trash, IN_USE};
+use super::trash::{record_and_trash, Trashed, Watched, IN_USE};
 use super::{ignore_missing, Controller};
 use crate::ceph::pool::with_ioctx;
 use crate::ceph::{CephError, IoCtx};
@@ -10,7 +10,13 @@ use crate::volume::naming;
 use crate::volume::{Error, RunError, VolumeId};
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+/// How long a delete waits for this process's purges of the image's clones to let go of it. A
+/// purge is over in moments, unless a client that died left its watch on the clone or the parent:
+/// librbd's remove then waits for the OSD to time that watch out (30 s). The wait runs in the
+/// delete's own task, so a caller that gives up meanwhile gets Aborted on its retry, then OK.
+const OWN_PURGE_WAIT: Duration = Duration::from_secs(60);
 
 impl Controller {
     /// For deletes: the ID when it names an image of the wanted kind, `None` when it cannot name
@@ -69,11 +75,40 @@ impl Controller {
         // The move and its record run in a task of their own: a caller that gives up cannot
         // leave an image trashed and not queued for its purge.
         let work = async move {
-            let name = id.image.clone();
-            let trashed = with_ioctx(io, move |io| record_and_trash(io, &name, deferment))
-                .await
-                .map_err(Error::ceph(format!("deleting image {}", id.image)))?
-                .map_err(|why| Error::FailedPrecondition(format!("volume {vid} {why}")))?;
+            let started = Instant::now();
+            let trashed = loop {
+                let name = id.image.clone();
+                let r = with_ioctx(io.clone(), move |io| record_and_trash(io, &name, deferment))
+                    .await
+                    .map_err(Error::ceph(format!("deleting image {}", id.image)))?;
+                match r {
+                    Ok(t) => break Ok(t),
+                    // Our own purge of one of its clones has it open; that is over in moments.
+                    Err(Watched(image_id))
+                        if started.elapsed() < OWN_PURGE_WAIT
+                            && trash.purging_clones_of(&id.cluster_id, &id.pool, &image_id) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(50)).await
+                    }
+                    // Another watcher may be a client that crashed, whose watch the OSD has not
+                    // timed out yet. librbd's own remove tells the two apart (it refuses a live
+                    // client at once and waits out a dead one's watch), so it decides; what it
+                    // removes skips the deferment.
+                    Err(Watched(image_id)) => {
+                        let name = id.image.clone();
+                        let r =
+                            with_ioctx(io.clone(), move |io| remove_or_record_and_trash(io, &name))
+                                .await
+                                .map_err(Error::ceph(format!("deleting image {}", id.image)))?;
+                        // While librbd waited, our purge of a clone may have come to hold it.
+                        let ours = trash.purging_clones_of(&id.cluster_id, &id.pool, &image_id);
+                        if r.is_ok() || !ours || started.elapsed() >= OWN_PURGE_WAIT {
+                            break r;
+                        }
+                    }
+                }
+            }
+            .map_err(|why| Error::FailedPrecondition(format!("volume {vid} {why}")))?;
             if let Some(t) = trashed {
                 trash.add(&id.cluster_id, &id.pool, &creds, t);
             }
@@ -97,9 +132,16 @@ impl Controller {
 /// the trash to be purged once they are gone. The inner error is why it cannot go at all (a
 /// client still uses it).
 pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, String>, CephError> {
+    Ok(remove_or_record_and_trash(io, name)?.map(|t| t.is_some()))
+}
+
+fn remove_or_record_and_trash(
+    io: &IoCtx,
+    name: &str,
+) -> Result<Result<Option<Trashed>, String>, CephError> {
     match io.remove_image(name) {
-        Ok(()) => Ok(Ok(false)),
-        Err(e) if e.not_found() => Ok(Ok(false)),
+        Ok(()) => Ok(Ok(None)),
+        Err(e) if e.not_found() => Ok(Ok(None)),
         Err(e) if e.is(libc::EBUSY) => Ok(Err(IN_USE.into())),
         Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
             // Drop our own leftover temporary snapshots; then trash what still has dependents.
@@ -113,12 +155,12 @@ pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, Str
                 }
             }
             match io.remove_image(name) {
-                Ok(()) => return Ok(Ok(false)),
+                Ok(()) => return Ok(Ok(None)),
                 Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {}
                 Err(e) if e.is(libc::EBUSY) => return Ok(Err(IN_USE.into())),
                 Err(e) => return Err(e),
             }
-            Ok(record_and_trash(io, name, Duration::ZERO)?.map(|t| t.is_some()))
+            Ok(record_and_trash(io, name, Duration::ZERO)?.map_err(|_| IN_USE.to_string()))
         }
         Err(e) => Err(e),
     }

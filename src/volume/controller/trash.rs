@@ -75,8 +75,9 @@ impl Record {
         Self {
             name: name.to_string(),
             deleted_at: now.as_secs(),
-            // Rounded up: a purge at a whole second >= purge_after is never early.
-            purge_after: end.as_secs() + u64::from(end.subsec_nanos() > 0),
+            // Rounded up, so a purge at a whole second >= purge_after is never early; with no
+            // deferment there is nothing to be early for.
+            purge_after: end.as_secs() + u64::from(!deferment.is_zero() && end.subsec_nanos() > 0),
             parent,
         }
     }
@@ -99,23 +100,27 @@ pub(super) struct Trashed {
     pub record: Record,
 }
 
+/// Refused: something watches the image (its ID).
+#[derive(Debug)]
+pub(super) struct Watched(pub String);
+
 /// Blocking: records the image, then moves it to the trash (see the module doc for the order).
-/// `None` when no image has that name. The inner error is why it cannot go: a client uses it.
+/// `None` when no image has that name.
 pub(super) fn record_and_trash(
     io: &IoCtx,
     name: &str,
     deferment: Duration,
-) -> Result<Result<Option<Trashed>, String>, CephError> {
+) -> Result<Result<Option<Trashed>, Watched>, CephError> {
     // Read-only: no watch of our own, so any watcher is another client.
     let img = match io.open_image_read_only(name) {
         Err(e) if e.not_found() => return Ok(Ok(None)),
         r => r?,
     };
+    let id = img.id()?;
     // librbd moves a watched image to the trash without complaint; a mapped volume must stay.
     if !img.watchers()?.is_empty() {
-        return Ok(Err(IN_USE.into()));
+        return Ok(Err(Watched(id)));
     }
-    let id = img.id()?;
     let parent = img.parent()?.map(|p| (p.pool, p.image_id));
     drop(img);
     let record = Record::new(name, now(), deferment, parent);
@@ -126,7 +131,7 @@ pub(super) fn record_and_trash(
         Err(e) if e.is(libc::EBUSY) => {
             // Certainly not moved: the record would only stand on a live image.
             io.remove_object(&record_object(&id))?;
-            Ok(Err(IN_USE.into()))
+            Ok(Err(Watched(id)))
         }
         // Moved by a delete beside us, which recorded the same ID; nothing left to do.
         Err(e) if e.not_found() => Ok(Ok(None)),
@@ -218,6 +223,8 @@ struct Entry {
     failures: u32,
     /// Something that may free it happened since its last attempt began.
     poked: bool,
+    /// An attempt is running: librbd has the image open, and a clone's parent too.
+    purging: bool,
 }
 
 impl Entry {
@@ -256,6 +263,7 @@ impl State {
     fn attempt(&mut self, id: &str) {
         if let Some(e) = self.entries.get_mut(id) {
             e.poked = false;
+            e.purging = true;
         }
     }
 
@@ -266,6 +274,7 @@ impl State {
             return 0;
         };
         e.failures += 1;
+        e.purging = false;
         e.retry_at = if e.poked {
             0
         } else {
@@ -370,6 +379,7 @@ impl Trash {
                 retry_at: 0,
                 failures: 0,
                 poked: false,
+                purging: false,
             },
         );
         p.wake.notify_one();
@@ -396,6 +406,25 @@ impl Trash {
                 "an image went to the trash in a pool this process does not purge yet; it is purged after the next DeleteVolume there or a restart"
             );
         }
+    }
+
+    /// Whether this process is purging a clone of the image right now: librbd opens the parent
+    /// to detach a clone, which looks like a client to a delete of that parent.
+    pub fn purging_clones_of(&self, cluster: &str, pool: &str, image_id: &str) -> bool {
+        let parent = Some((pool.to_string(), image_id.to_string()));
+        self.purgers
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|((c, _), _)| c == cluster)
+            .any(|(_, p)| {
+                p.state
+                    .lock()
+                    .unwrap()
+                    .entries
+                    .values()
+                    .any(|e| e.purging && e.record.parent == parent)
+            })
     }
 
     /// A trashed image whose clone was just purged: if it waits for its dependents, try again.
@@ -475,6 +504,7 @@ impl Purger {
                             retry_at: 0,
                             failures: 0,
                             poked: false,
+                            purging: false,
                         });
                     }
                 }
@@ -596,6 +626,7 @@ mod tests {
             retry_at: 0,
             failures: 0,
             poked: false,
+            purging: false,
         }
     }
 
@@ -620,8 +651,8 @@ mod tests {
         assert_eq!(r.deleted_at, 1000);
         // 1005.4 s rounds up: at whole second 1005 the deferment has not ended.
         assert_eq!(r.purge_after, 1006);
-        let r = Record::new("img", Duration::from_secs(1000), Duration::ZERO, None);
-        assert_eq!(r.purge_after, 1000);
+        let r = Record::new("img", now, Duration::ZERO, None);
+        assert_eq!(r.purge_after, 1000, "no deferment: due at once");
     }
 
     #[test]
@@ -645,7 +676,15 @@ mod tests {
         let none = HashSet::new();
         let mut st = state(&[("a", 10)]);
         st.attempt("a");
+        assert!(
+            st.entries["a"].purging,
+            "its clone's parent is held open now"
+        );
         assert_eq!(st.failed("a", 10), 1);
+        assert!(
+            !st.entries["a"].purging,
+            "between attempts nothing holds it"
+        );
         assert_eq!(st.next_due(10, &none), None);
         assert_eq!(st.next_due(11, &none).as_deref(), Some("a"));
         st.attempt("a");
