@@ -666,3 +666,36 @@ async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() 
     delete(&mut cl, &c, &src).await.unwrap();
     assert!(purged(&c, &images).await, "left behind");
 }
+
+/// librbd's remove waits out a dead client's watch, but removes at once: with a deferment, the
+/// delete says the volume is in use until the watch is gone (the CO retries), and then the image
+/// waits in the trash, restorable, like any other.
+#[tokio::test]
+async fn a_deferred_delete_never_removes_outright_while_a_dead_clients_watch_lingers() {
+    let c = cluster_or_return!();
+    let d = Driver::start(&c, &["--controller", "--trash-deferment", "600"]);
+    let mut cl = d.client().await;
+    let vol = create(&mut cl, &c, &unique("deadwatch")).await;
+    let image = image_of(&vol);
+    let id = image_id(&c, &image);
+    leave_a_dead_clients_watch(&c, &image).await;
+    let start = Instant::now();
+    loop {
+        match delete(&mut cl, &c, &vol).await {
+            Ok(()) => break,
+            Err(s)
+                if s.code() == Code::FailedPrecondition
+                    && start.elapsed() < Duration::from_secs(90) =>
+            {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            }
+            Err(s) => panic!("delete failed: {s:?}"),
+        }
+    }
+    assert!(
+        trash_entries(&c).contains(&(id.clone(), image)),
+        "deleted by a trash move, restorable until the deferment ends"
+    );
+    c.rbd(&["trash", "rm", &id]);
+    c.rados(&["-p", "rbd", "rm", &format!("rook-rbd.trash.{id}")]);
+}

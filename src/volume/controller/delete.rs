@@ -90,10 +90,13 @@ impl Controller {
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await
                     }
+                    // librbd's remove would skip the deferment. A dead client's watch is gone
+                    // within 30 s, and the CO retries.
+                    Err(Watched(_)) if !deferment.is_zero() => break Err(IN_USE.to_string()),
                     // Another watcher may be a client that crashed, whose watch the OSD has not
                     // timed out yet. librbd's own remove tells the two apart (it refuses a live
-                    // client at once and waits out a dead one's watch), so it decides; what it
-                    // removes skips the deferment.
+                    // client at once and waits out a dead one's watch), so it decides. With no
+                    // deferment, removing at once is what the purge would do.
                     Err(Watched(image_id)) => {
                         let name = id.image.clone();
                         let r =
