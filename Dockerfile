@@ -13,7 +13,8 @@
 ############################################################################
 FROM rust:1-bookworm AS build
 
-# protobuf-compiler: tonic-prost-build compiles the CSI protobufs in build.rs.
+# protobuf-compiler, libprotobuf-dev: tonic-prost-build compiles the CSI protobufs in
+#                    build.rs; the well-known types (descriptor.proto) come with -dev.
 # librbd-dev / librados-dev: build.rs links against librbd and librados.
 # Versions are not pinned (DL3008): Debian bookworm only ships the current
 # point release of each package, so a pinned version stops resolving as soon
@@ -22,6 +23,7 @@ FROM rust:1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends \
         protobuf-compiler \
+        libprotobuf-dev \
         librbd-dev \
         librados-dev \
         pkg-config \
@@ -33,6 +35,8 @@ WORKDIR /src
 # crates in it) is reused by any build where Cargo.toml/Cargo.lock are
 # unchanged, even without a BuildKit cache.
 COPY Cargo.toml Cargo.lock ./
+# vendor/ holds the patched h2 that Cargo.toml's [patch.crates-io] names (vendor/README.md).
+COPY vendor ./vendor
 RUN cargo fetch --locked
 
 # Sources. .dockerignore keeps target/, .git and .dev-cluster out.

@@ -6,10 +6,10 @@ GOBIN ?= $(HOME)/go/bin
 CSI_SANITY_VERSION := v5.4.0
 CSI_SANITY := $(GOBIN)/csi-sanity
 
-.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean
+.PHONY: help deps build release test unit sanity demo bench ceph-up ceph-down lint clean fresh-root-check e2e e2e-full
 
 help: ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
 
 deps: ## install build and test dependencies (Debian packages, csi-sanity)
 	bash scripts/install-deps.sh
@@ -40,6 +40,15 @@ demo: deps ## a real volume's life on a real dev cluster, step by step with timi
 
 bench: deps ## benchmarks against the dev cluster, with raw-librbd floor ratios
 	bash scripts/bench.sh
+
+e2e: deps ## real Kubernetes v1.34 in a netns: kubectl apply -f deploy/, the user's path, the storage e2e CI subset, faults
+	bash k8s-tests/run.sh
+
+e2e-full: deps ## as e2e, with every storage e2e spec a single node can run
+	E2E_SUITE=full bash k8s-tests/run.sh
+
+fresh-root-check: ## make demo in a fresh Debian 12 root (mmdebstrap): proves `make deps` is complete
+	bash scripts/fresh-root-check.sh
 
 lint: ## rustfmt and clippy, warnings are errors
 	cargo fmt --check

@@ -1,4 +1,5 @@
-//! Compiles csi-spec/csi.proto with tonic-prost-build and links librados/librbd.
+//! Compiles csi-spec/csi.proto and csi-spec/pluginregistration.proto with tonic-prost-build, and
+//! links librados/librbd.
 //! protoc comes from Debian's protobuf-compiler (the Makefile's `deps` target installs it).
 
 use std::path::PathBuf;
@@ -6,6 +7,7 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=csi-spec/csi.proto");
+    println!("cargo:rerun-if-changed=csi-spec/pluginregistration.proto");
     println!("cargo:rustc-link-lib=rados");
     println!("cargo:rustc-link-lib=rbd");
 
@@ -21,5 +23,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("csi_descriptor.bin"))
         .codec_path("crate::csi::codec::StrictCodec")
         .compile_protos(&["csi-spec/csi.proto"], &includes)?;
+    // kubelet's plugin registration API: we serve it; the client is for tests that play kubelet.
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_protos(&["csi-spec/pluginregistration.proto"], &["csi-spec"])?;
     Ok(())
 }

@@ -14,23 +14,8 @@ SANITY=${CSI_SANITY:-${GOBIN:-$HOME/go/bin}/csi-sanity}
 [[ -f $DIR/cluster-config.json ]] || { echo "no dev cluster in $DIR (make ceph-up)" >&2; exit 1; }
 
 ROOT=$(mktemp -d /tmp/rook-rbd-sanity.XXXXXX)
-mkdir -p "$ROOT/kubelet" "$ROOT/secret"
-chmod 700 "$ROOT/secret"
-printf admin >"$ROOT/secret/userID"
-install -m 0600 "$DIR/admin.key" "$ROOT/secret/userKey"
-SOCK=$ROOT/csi.sock
-LOG=$ROOT/driver.log
-
-"$BIN" csi --endpoint "unix://$SOCK" --node-id sanity-node \
-  --cluster-config "$DIR/cluster-config.json" --secret-dir "$ROOT/secret" \
-  --kubelet-dir "$ROOT/kubelet" --state-dir "$ROOT/state" >"$LOG" 2>&1 &
-DRIVER=$!
-stop_driver() {
-  kill -TERM "$DRIVER" 2>/dev/null || true
-  wait "$DRIVER" 2>/dev/null || true
-}
-trap 'stop_driver' EXIT
-for _ in $(seq 100); do [[ -S $SOCK ]] && break; sleep 0.05; done
+source scripts/test-driver.sh
+start_driver "$ROOT" sanity-node
 
 set +e
 "$SANITY" \

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make test`: lint, unit tests, integration tests and csi-sanity (mount and block) against a real
-# dev cluster that this script starts and always stops. Fails if anything is left behind.
+# `make test`: lint, unit tests, integration tests, stock gRPC clients of other languages
+# (tests/interop) and csi-sanity (mount and block) against a real dev cluster that this script
+# starts and always stops. Fails if anything is left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CEPH_DEV_DIR=${CEPH_DEV_DIR:-$PWD/.dev-cluster}
@@ -33,6 +34,9 @@ bash scripts/ceph-dev.sh up "$CEPH_DEV_DIR"
 
 step "integration tests against the real cluster"
 ROOK_RBD_TEST_CEPH_DIR=$CEPH_DEV_DIR cargo test --locked --test '*' -- --test-threads=2
+
+step "interop: grpcio and grpcurl"
+bash tests/interop/run.sh
 
 step "csi-sanity (mount)"
 bash sanity-tests/run.sh mount

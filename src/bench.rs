@@ -14,11 +14,11 @@ use crate::secret::Secret;
 use crate::volume::params::{parse_features, DEFAULT_FEATURES};
 use crate::volume::{ClusterConfig, Credentials};
 use anyhow::{anyhow, bail, Context as _};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write as _};
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -183,79 +183,66 @@ impl Samples {
 
 // ---------------------------------------------------------------- progress
 
-/// A one-line progress bar on stderr, redrawn at most ten times a second; on a non-terminal only
-/// the final line is written.
+/// A one-line progress bar on stderr (indicatif), redrawn at most ten times a second; on a
+/// non-terminal, where indicatif draws nothing, only the final line is written.
 struct Progress {
-    done: Arc<AtomicUsize>,
-    stop: Arc<AtomicBool>,
-    task: Option<tokio::task::JoinHandle<()>>,
-    label: String,
-    total: usize,
-    start: Instant,
+    bar: ProgressBar,
 }
 
 impl Progress {
     fn new(label: &str, total: usize) -> Self {
-        let done = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let start = Instant::now();
-        let task = std::io::stderr().is_terminal().then(|| {
-            let (done, stop, label) = (done.clone(), stop.clone(), label.to_string());
-            tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    draw(&label, done.load(Ordering::Relaxed), total, start, false);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            })
-        });
+        let bar = ProgressBar::with_draw_target(
+            Some(total as u64),
+            ProgressDrawTarget::stderr_with_hz(10),
+        )
+        .with_style(
+            ProgressStyle::with_template(
+                "  {prefix:<28} [{bar:30}] {pos:>5}/{len:<5} {elapsed_secs}s",
+            )
+            .expect("a valid template")
+            .with_key(
+                "elapsed_secs",
+                |s: &ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:>6.1}", s.elapsed().as_secs_f64());
+                },
+            )
+            .progress_chars("#."),
+        )
+        .with_prefix(label.to_string());
+        Self { bar }
+    }
+
+    /// Counts nothing on screen: for steps that belong to another bar's count.
+    fn hidden() -> Self {
         Self {
-            done,
-            stop,
-            task,
-            label: label.to_string(),
-            total,
-            start,
+            bar: ProgressBar::hidden(),
         }
     }
 
     fn inc(&self) {
-        self.done.fetch_add(1, Ordering::Relaxed);
+        self.bar.inc(1);
     }
 
-    fn handle(&self) -> Arc<AtomicUsize> {
-        self.done.clone()
+    /// A handle for tasks that count steps concurrently.
+    fn handle(&self) -> ProgressBar {
+        self.bar.clone()
     }
 
-    async fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.task.take() {
-            let _ = t.await;
+    fn finish(self) {
+        if self.bar.is_hidden() {
+            if !self.bar.prefix().is_empty() {
+                eprintln!(
+                    "  {:<28} {:>5}/{:<5} {:>6.1}s",
+                    self.bar.prefix(),
+                    self.bar.position(),
+                    self.bar.length().unwrap_or(0),
+                    self.bar.elapsed().as_secs_f64()
+                );
+            }
+        } else {
+            self.bar.finish();
         }
-        draw(
-            &self.label,
-            self.done.load(Ordering::Relaxed),
-            self.total,
-            self.start,
-            true,
-        );
     }
-}
-
-fn draw(label: &str, done: usize, total: usize, start: Instant, last: bool) {
-    const WIDTH: usize = 30;
-    let filled = (done * WIDTH)
-        .checked_div(total)
-        .unwrap_or(WIDTH)
-        .min(WIDTH);
-    let bar: String = "#".repeat(filled) + &".".repeat(WIDTH - filled);
-    let mut e = std::io::stderr().lock();
-    let _ = write!(
-        e,
-        "\r  {label:<28} [{bar}] {done:>5}/{total:<5} {:>6.1}s{}",
-        start.elapsed().as_secs_f64(),
-        if last { "\n" } else { "" }
-    );
-    let _ = e.flush();
 }
 
 // ---------------------------------------------------------------- the run
@@ -569,7 +556,7 @@ impl Bench {
             }
             p.inc();
         }
-        p.finish().await;
+        p.finish();
         let floor = self.floor.is_some();
         let pct = |s: &Samples, q| floor.then(|| ms(s.percentile(q)));
         for (what, d, f, target) in [
@@ -649,12 +636,12 @@ impl Bench {
                         (0..n).map(|i| self.name(&format!("c{r}"), i)).collect();
                     let p = Progress::new(&format!("{c}-way CreateVolume ({}/{rounds})", r + 1), n);
                     let (ids, w, s) = self.create_many(&names, c, &p).await?;
-                    p.finish().await;
+                    p.finish();
                     cw_d += w;
                     create.0.extend(s.0);
                     let p = Progress::new(&format!("{c}-way DeleteVolume ({}/{rounds})", r + 1), n);
                     let (w, s) = self.delete_many(ids, c, &p).await?;
-                    p.finish().await;
+                    p.finish();
                     dw_d += w;
                     delete.0.extend(s.0);
                 } else if let Some(f) = &self.floor {
@@ -662,12 +649,12 @@ impl Bench {
                         (0..n).map(|i| self.name(&format!("fc{r}"), i)).collect();
                     let p = Progress::new(&format!("{c}-way floor create ({}/{rounds})", r + 1), n);
                     let (w, s) = f.run_many(&fnames, c, self.size as u64, true, &p).await?;
-                    p.finish().await;
+                    p.finish();
                     cw_f += w;
                     fcreate.0.extend(s.0);
                     let p = Progress::new(&format!("{c}-way floor remove ({}/{rounds})", r + 1), n);
                     let (w, s) = f.run_many(&fnames, c, 0, false, &p).await?;
-                    p.finish().await;
+                    p.finish();
                     dw_f += w;
                     fremove.0.extend(s.0);
                 }
@@ -729,7 +716,7 @@ impl Bench {
             let done = done.clone();
             async move {
                 let id = create_volume(&mut client, req).await?;
-                done.fetch_add(1, Ordering::Relaxed);
+                done.inc(1);
                 Ok(id)
             }
         })
@@ -760,7 +747,7 @@ impl Bench {
             let done = done.clone();
             async move {
                 delete_volume(&mut client, &id, &secrets).await?;
-                done.fetch_add(1, Ordering::Relaxed);
+                done.inc(1);
                 Ok(())
             }
         })
@@ -778,7 +765,7 @@ impl Bench {
         let names: Vec<String> = (0..n).map(|i| self.name("l", i)).collect();
         let p = Progress::new("ListVolumes: creating", n);
         let (ids, _, _) = self.create_many(&names, c, &p).await?;
-        p.finish().await;
+        p.finish();
         let rounds = 10;
         let mut lat = Samples::default();
         let p = Progress::new(&format!("ListVolumes over {n}"), rounds);
@@ -812,13 +799,13 @@ impl Bench {
             lat.push(t.elapsed());
             p.inc();
         }
-        p.finish().await;
+        p.finish();
         if seen != n {
             bail!("ListVolumes returned {seen} of the {n} volumes the bench created");
         }
         let p = Progress::new("ListVolumes: deleting", n);
         self.delete_many(ids, c, &p).await?;
-        p.finish().await;
+        p.finish();
         self.rows.push(Row {
             what: format!("ListVolumes over {n} p50"),
             driver: ms(lat.percentile(50.0)),
@@ -928,7 +915,7 @@ impl Bench {
             }
             p.inc();
         }
-        p.finish().await;
+        p.finish();
         let floor = self.floor.is_some();
         self.rows.push(Row {
             what: "NodeStage+NodePublish p50".into(),
@@ -969,7 +956,7 @@ impl Bench {
         let names: Vec<String> = (0..n).map(|i| self.name("p", i)).collect();
         let p = Progress::new("purge: creating", n);
         let (ids, _, _) = self.create_many(&names, c, &p).await?;
-        p.finish().await;
+        p.finish();
         let (client, secrets) = (self.client.clone(), Arc::new(self.secrets.clone()));
         let (deleted, _) = run_pool(ids, c, move |id| {
             let (mut client, secrets) = (client.clone(), secrets.clone());
@@ -1020,7 +1007,7 @@ impl Bench {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        p.finish().await;
+        p.finish();
         let secs = |d: Option<Duration>| d.map(|d| d.as_secs_f64()).unwrap_or(f64::NAN);
         self.rows.push(Row {
             what: format!("purge: last of {n}, after deferment end"),
@@ -1065,9 +1052,7 @@ impl Bench {
                     .map(|i| self.name(&format!("r{batch}"), done + i))
                     .collect();
                 let (ids, _, _) = self.create_many(&names, c, &p).await?;
-                let dummy = Progress::new("", 0);
-                self.delete_many(ids, c, &dummy).await?;
-                drop(dummy);
+                self.delete_many(ids, c, &Progress::hidden()).await?;
                 done += k;
                 batch += 1;
             }
@@ -1078,7 +1063,7 @@ impl Bench {
             points.push(json!({"cycles": at, "memory_kib": m}));
             last.push((at, m));
         }
-        p.finish().await;
+        p.finish();
         let mib = |kib: u64| kib as f64 / 1024.0;
         for (at, m) in &last {
             self.rows.push(Row {
@@ -1288,7 +1273,7 @@ impl Floor {
             opts: ImageOptions {
                 features,
                 data_pool: params.get("dataPool").cloned(),
-                order: None,
+                ..Default::default()
             },
             monitors: entry.monitors.clone(),
             user,
@@ -1329,7 +1314,7 @@ impl Floor {
                     }
                 })
                 .await?;
-                done.fetch_add(1, Ordering::Relaxed);
+                done.inc(1);
                 Ok(())
             }
         })

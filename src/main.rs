@@ -97,7 +97,12 @@ struct CsiArgs {
     /// Node state (staging records, fuse mountpoints). Default: <kubelet-dir>/plugins/<driver-name>/state.
     #[arg(long, env = "STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Serve Prometheus metrics and /healthz on this address, e.g. :8080.
+    /// A tmpfs or ramfs directory for the key files the mappers read, so keys never touch
+    /// the disk. Default: /run/rook-rbd, else /dev/shm/rook-rbd (the state dir, with a
+    /// warning, when neither is memory-backed).
+    #[arg(long, env = "KEY_DIR")]
+    key_dir: Option<PathBuf>,
+    /// Serve /metrics (Prometheus), /livez, /readyz and /healthz on this address, e.g. :8080.
     #[arg(long, env = "METRICS_ADDRESS")]
     metrics_address: Option<String>,
     /// rados_osd_op_timeout: seconds before an OSD operation fails with a timeout.
@@ -109,6 +114,10 @@ struct CsiArgs {
     /// client_mount_timeout: seconds to connect and authenticate to the cluster.
     #[arg(long, default_value_t = 8)]
     client_mount_timeout: u64,
+    /// Seconds after which a pooled Ceph connection that no call has used is closed (a rotated
+    /// key's old session, a cluster no longer used).
+    #[arg(long, default_value_t = rook_rbd::ceph::PoolPolicy::default().idle_timeout.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    ceph_idle_timeout: u64,
     /// Seconds between cluster health checks (what Probe reports).
     #[arg(long, default_value_t = 5)]
     health_interval: u64,
@@ -119,6 +128,20 @@ struct CsiArgs {
     /// (krbd where the kernel has rbd, else nbd, else rbd-fuse plus a loop device).
     #[arg(long, env = "DEFAULT_MOUNTER", default_value = "auto")]
     default_mounter: String,
+    /// Where kubelet looks for plugin registration sockets. The node plugin registers itself
+    /// there (no node-driver-registrar needed) when the directory exists.
+    /// Default: <kubelet-dir>/plugins_registry.
+    #[arg(long, env = "REGISTRATION_DIR")]
+    registration_dir: Option<PathBuf>,
+    /// The CSI socket as kubelet sees it, if not the --endpoint path (only when the plugin's
+    /// view of the host's paths differs from kubelet's).
+    #[arg(long)]
+    kubelet_registration_path: Option<PathBuf>,
+    /// The cgroup, at the root of every cgroup hierarchy, that the rbd-fuse and rbd-nbd daemons
+    /// run in, so they outlive the plugin's container; `none` leaves them in the plugin's
+    /// cgroups, and they die with it.
+    #[arg(long, env = "MAPPER_CGROUP", default_value = rook_rbd::node::mapper::cgroup::DEFAULT_MAPPER_CGROUP)]
+    mapper_cgroup: rook_rbd::node::mapper::CgroupSetting,
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
@@ -175,11 +198,13 @@ fn main() -> std::process::ExitCode {
                     kubelet_dir: a.kubelet_dir,
                     extra_roots: a.allowed_roots,
                     state_dir: a.state_dir,
+                    key_dir: a.key_dir,
                     timeouts: CephTimeouts {
                         osd_op: Duration::from_secs(a.rados_osd_op_timeout),
                         mon_op: Duration::from_secs(a.rados_mon_op_timeout),
                         mount: Duration::from_secs(a.client_mount_timeout),
                     },
+                    ceph_idle_timeout: Duration::from_secs(a.ceph_idle_timeout),
                     health_interval: Duration::from_secs(a.health_interval.max(1)),
                     controller_cfg: ControllerConfig {
                         max_clone_depth: a.max_clone_depth,
@@ -189,6 +214,9 @@ fn main() -> std::process::ExitCode {
                     },
                     metrics_address: a.metrics_address,
                     default_mounter: a.default_mounter,
+                    registration_dir: a.registration_dir,
+                    kubelet_registration_path: a.kubelet_registration_path,
+                    mapper_cgroup: a.mapper_cgroup,
                 })
                 .await
             }

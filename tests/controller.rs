@@ -974,3 +974,30 @@ async fn a_clone_of_a_published_volume_is_not_attached_anywhere() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn a_storage_class_without_cluster_id_uses_the_only_configured_cluster() {
+    let c = cluster_or_return!();
+    let d = Driver::start(&c, &["--controller"]);
+    let mut cl = d.client().await;
+    let mut req = create_req(&c, &unique("nocluster"), 16 * MIB);
+    let cluster_id = req.parameters.remove("clusterID").unwrap();
+    let v = cl
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let id = rook_rbd::volume::VolumeId::decode(&v.volume_id).unwrap();
+    assert_eq!(id.cluster_id, cluster_id);
+    assert!(c.images().contains(&id.image));
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: v.volume_id,
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+}

@@ -59,6 +59,24 @@ fn io_within<T: Send + 'static>(
         .unwrap_or_else(|_| panic!("{what} did not finish within {secs} s"))
 }
 
+/// A request carrying a gRPC deadline, as kubelet sends it.
+fn with_deadline<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.set_timeout(deadline);
+    req
+}
+
+/// Awaits a call sent [`with_deadline`]; a little past the deadline the client gives up.
+async fn given_up_after<T>(
+    deadline: Duration,
+    call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+) -> Result<(), Status> {
+    match tokio::time::timeout(deadline + Duration::from_secs(5), call).await {
+        Ok(r) => r.map(drop),
+        Err(_) => Err(Status::deadline_exceeded("the client gave up")),
+    }
+}
+
 /// Pseudo-random bytes (xorshift64*), seeded from the clock and pid: different every run.
 fn random_bytes(n: usize) -> Vec<u8> {
     let mut s = std::time::SystemTime::now()
@@ -211,12 +229,24 @@ struct Env {
     /// Node registrations (RADOS objects) to remove.
     nodes: Vec<String>,
     publish_ctx: HashMap<String, HashMap<String, String>>,
+    /// The driver's --key-dir, removed with the test (a killed driver cannot remove it).
+    key_root: PathBuf,
 }
 
 impl Env {
     async fn start(c: Cluster) -> Env {
+        Self::start_with_env(c, &[]).await
+    }
+
+    /// A driver whose process gets extra environment (a test's tool wrappers first in PATH).
+    async fn start_with_env(c: Cluster, env: &[(&str, &str)]) -> Env {
         let node = unique("node");
-        let d = Driver::start(&c, &["--node-id", &node]);
+        let key_root = PathBuf::from(format!("/dev/shm/rook-rbd-test-{node}"));
+        let d = Driver::start_with_env(
+            &c,
+            &["--node-id", &node, "--key-dir", key_root.to_str().unwrap()],
+            env,
+        );
         let cl = d.client().await;
         let env = Env {
             c,
@@ -226,6 +256,7 @@ impl Env {
             volumes: vec![],
             nodes: vec![node],
             publish_ctx: HashMap::new(),
+            key_root,
         };
         env.wait_registered().await;
         env
@@ -342,7 +373,25 @@ impl Env {
         cap: &proto::VolumeCapability,
         staging: &str,
     ) -> Result<(), Status> {
-        let req = proto::NodeStageVolumeRequest {
+        within(
+            "NodeStageVolume",
+            SLOW,
+            self.cl
+                .node
+                .clone()
+                .node_stage_volume(self.stage_req(v, cap, staging)),
+        )
+        .await
+        .map(drop)
+    }
+
+    fn stage_req(
+        &self,
+        v: &proto::Volume,
+        cap: &proto::VolumeCapability,
+        staging: &str,
+    ) -> proto::NodeStageVolumeRequest {
+        proto::NodeStageVolumeRequest {
             volume_id: v.volume_id.clone(),
             publish_context: self
                 .publish_ctx
@@ -353,14 +402,61 @@ impl Env {
             volume_capability: Some(cap.clone()),
             secrets: self.c.secrets(),
             volume_context: v.volume_context.clone(),
+        }
+    }
+
+    /// NodeStageVolume as kubelet sends it: with a deadline, after which the client gives up.
+    async fn stage_with_deadline(
+        &self,
+        v: &proto::Volume,
+        cap: &proto::VolumeCapability,
+        staging: &Path,
+        deadline: Duration,
+    ) -> Result<(), Status> {
+        let req = with_deadline(self.stage_req(v, cap, staging.to_str().unwrap()), deadline);
+        let mut node = self.cl.node.clone();
+        given_up_after(deadline, node.node_stage_volume(req)).await
+    }
+
+    /// NodeUnstageVolume with a deadline, after which the client gives up.
+    async fn unstage_with_deadline(
+        &self,
+        volume_id: &str,
+        staging: &Path,
+        deadline: Duration,
+    ) -> Result<(), Status> {
+        let req = proto::NodeUnstageVolumeRequest {
+            volume_id: volume_id.into(),
+            staging_target_path: staging.to_str().unwrap().into(),
         };
-        within(
-            "NodeStageVolume",
-            SLOW,
-            self.cl.node.clone().node_stage_volume(req),
+        let mut node = self.cl.node.clone();
+        given_up_after(
+            deadline,
+            node.node_unstage_volume(with_deadline(req, deadline)),
         )
         .await
-        .map(drop)
+    }
+
+    /// Key files in the driver's key dir; each lives only while a mapper tool reads it.
+    fn key_files(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(&self.key_root)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+            .map(|f| f.path())
+            .collect()
+    }
+
+    /// State files of staged volumes in the driver's state dir.
+    fn staged_records(&self) -> usize {
+        std::fs::read_dir(self.d.path("state/staged"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     async fn publish(
@@ -494,6 +590,7 @@ impl Drop for Env {
     fn drop(&mut self) {
         // Best effort, for a test that failed half-way; a passing test has already left nothing.
         self.d.kill9();
+        let _ = std::fs::remove_dir_all(&self.key_root);
         let root = self.root();
         let fuse_root = root.join("state").join("fuse");
         let mut points = mounts_under(&root);
@@ -1063,4 +1160,220 @@ async fn a_symlink_under_the_kubelet_dir_does_not_carry_a_mount_outside() {
     env.unstage(&v.volume_id, &staging, SLOW).await.unwrap();
     env.finish(&v).await;
     assert_nothing_left(&root);
+}
+
+/// Sends SIGCONT to the processes it stopped, even when the test panics.
+struct Stopped(Vec<i32>);
+
+impl Stopped {
+    fn stop(pids: Vec<i32>) -> Self {
+        for &p in &pids {
+            // SAFETY: kill(2) of an rbd-fuse process this test's driver started.
+            assert_eq!(unsafe { libc::kill(p, libc::SIGSTOP) }, 0);
+        }
+        Stopped(pids)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            // SAFETY: as above.
+            unsafe { libc::kill(p, libc::SIGCONT) };
+        }
+    }
+}
+
+/// Retries `call` (as kubelet does) until it succeeds; any error before that must be one a
+/// caller retries. Returns the codes seen on the way.
+async fn retry_until_ok<F, Fut>(what: &str, secs: u64, mut call: F) -> Vec<Code>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut seen = vec![];
+    loop {
+        match call().await {
+            Ok(()) => return seen,
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.code(),
+                        Code::Aborted | Code::DeadlineExceeded | Code::Cancelled
+                    ),
+                    "{what}: a retry got a final error: {e:?}"
+                );
+                seen.push(e.code());
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} never succeeded: {seen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// kubelet's deadline passes while mkfs still runs: the first stage must go on (mkfs is
+/// never killed half-way), every retry is refused until it is over, and then succeeds on a
+/// filesystem that fsck accepts, made by exactly one mkfs.
+#[tokio::test]
+async fn a_stage_retried_while_its_slow_mkfs_runs_is_aborted_until_the_first_finishes() {
+    let c = cluster_or_return!();
+    // mkfs.ext4 waits for a gate file the test opens: slow for as long as the test wants.
+    let tools = tempfile::tempdir().unwrap();
+    let gate = tools.path().join("gate");
+    let log = tools.path().join("mkfs.log");
+    let real = Command::new("sh")
+        .args(["-c", "command -v mkfs.ext4"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8(real.stdout).unwrap().trim().to_string();
+    assert!(!real.is_empty(), "mkfs.ext4 not found");
+    let wrapper = tools.path().join("mkfs.ext4");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\necho started >> {log}\nwhile [ ! -e {gate} ]; do sleep 0.1; done\n\
+             \"{real}\" \"$@\"\nrc=$?\necho \"finished $rc\" >> {log}\nexit $rc\n",
+            log = log.display(),
+            gate = gate.display(),
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        tools.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut env = Env::start_with_env(c, &[("PATH", &path)]).await;
+    let cap = mount_cap();
+    let v = env.create("slowmkfs", 64 * MIB, cap.clone()).await;
+    env.controller_publish(&v, &cap).await;
+    let staging = env.kubelet("staging/v");
+    let mkfs_runs = |word: &str| {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with(word))
+            .count()
+    };
+
+    let first = env
+        .stage_with_deadline(&v, &cap, &staging, Duration::from_secs(3))
+        .await;
+    assert!(first.is_err(), "stage finished before mkfs could run");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while mkfs_runs("started") == 0 {
+        assert!(Instant::now() < deadline, "mkfs never started");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The first stage is still formatting: every retry is refused, none starts its own work.
+    for i in 0..3 {
+        let again = env
+            .stage_with_deadline(&v, &cap, &staging, Duration::from_secs(3))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            again.code(),
+            Code::Aborted,
+            "retry {i} while mkfs runs: {again:?}"
+        );
+    }
+    assert_eq!(mkfs_runs("started"), 1, "a retry started a second mkfs");
+
+    std::fs::write(&gate, b"").unwrap();
+    retry_until_ok("NodeStageVolume", SLOW, || {
+        env.stage_with_deadline(&v, &cap, &staging, Duration::from_secs(20))
+    })
+    .await;
+    assert_eq!(mkfs_runs("started"), 1, "mkfs ran more than once");
+    assert_eq!(mkfs_runs("finished 0"), 1, "mkfs did not finish cleanly");
+
+    // What the image holds is a filesystem fsck accepts.
+    env.unstage(&v.volume_id, &staging, SLOW).await.unwrap();
+    let copy = env.root().join("image.raw");
+    env.c.rbd(&[
+        "export",
+        "--no-progress",
+        &format!("rbd/{}", image_of(&v.volume_id)),
+        copy.to_str().unwrap(),
+    ]);
+    let fsck = Command::new("e2fsck")
+        .args(["-f", "-n"])
+        .arg(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        fsck.status.success(),
+        "fsck -n rejects the filesystem: {}{}",
+        String::from_utf8_lossy(&fsck.stdout),
+        String::from_utf8_lossy(&fsck.stderr)
+    );
+    std::fs::remove_file(&copy).unwrap();
+    env.finish(&v).await;
+    assert_nothing_left(&env.root());
+    assert_eq!(env.key_files(), Vec::<PathBuf>::new(), "key files left");
+}
+
+/// rbd-fuse hangs (SIGSTOP) while the staged filesystem holds dirty data: unstage must not
+/// detach the filesystem or stop rbd-fuse under it. It answers DeadlineExceeded, keeps the
+/// staging state and mapping, and succeeds once rbd-fuse is back; the data is on the image.
+#[tokio::test]
+async fn unstage_against_a_hung_rbd_fuse_keeps_the_volume_staged_until_its_data_is_written() {
+    let c = cluster_or_return!();
+    let mut env = Env::start(c).await;
+    let cap = mount_cap();
+    let v = env.create("hung", 64 * MIB, cap.clone()).await;
+    env.controller_publish(&v, &cap).await;
+    let staging = env.kubelet("staging/v");
+    env.stage(&v, &cap, &staging).await.unwrap();
+    // Written, never synced: the pages are dirty in the page cache when unstage starts.
+    let data = random_bytes(4 * MIB as usize + 777);
+    let (p, d) = (staging.join("dirty.bin"), data.clone());
+    io_within("writing", 60, move || std::fs::write(p, d).unwrap());
+
+    let state = env.root().join("state");
+    let pids = fuse_pids_mentioning(&state);
+    assert_eq!(pids.len(), 1, "one rbd-fuse serves the volume: {pids:?}");
+    let stopped = Stopped::stop(pids.clone());
+
+    let first = env
+        .unstage_with_deadline(&v.volume_id, &staging, Duration::from_secs(40))
+        .await
+        .unwrap_err();
+    assert_eq!(first.code(), Code::DeadlineExceeded, "{first:?}");
+    for i in 0..2 {
+        let again = env
+            .unstage_with_deadline(&v.volume_id, &staging, Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(again.code(), Code::Aborted | Code::DeadlineExceeded),
+            "retry {i} with rbd-fuse hung: {again:?}"
+        );
+    }
+    // Nothing was torn down under the dirty filesystem.
+    assert_eq!(env.staged_records(), 1, "the staging state is gone");
+    assert_eq!(loops_under(&env.root()).len(), 1, "the loop device is gone");
+    assert_eq!(fuse_pids_mentioning(&state), pids, "rbd-fuse was stopped");
+
+    drop(stopped);
+    retry_until_ok("NodeUnstageVolume", SLOW, || {
+        env.unstage_with_deadline(&v.volume_id, &staging, Duration::from_secs(20))
+    })
+    .await;
+    assert_eq!(env.staged_records(), 0);
+    assert_nothing_left(&env.root());
+
+    // A fresh map (a new rbd-fuse) reads back what was dirty when unstage began.
+    env.stage(&v, &cap, &staging).await.unwrap();
+    assert!(read_all(&staging.join("dirty.bin")) == data, "data lost");
+    env.unstage(&v.volume_id, &staging, SLOW).await.unwrap();
+    env.finish(&v).await;
+    assert_nothing_left(&env.root());
+    assert_eq!(env.key_files(), Vec::<PathBuf>::new(), "key files left");
 }

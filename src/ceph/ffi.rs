@@ -15,6 +15,8 @@ pub type rbd_image_options_t = *mut libc::c_void;
 pub const RBD_IMAGE_OPTION_FORMAT: c_int = 0;
 pub const RBD_IMAGE_OPTION_FEATURES: c_int = 1;
 pub const RBD_IMAGE_OPTION_ORDER: c_int = 2;
+pub const RBD_IMAGE_OPTION_STRIPE_UNIT: c_int = 3;
+pub const RBD_IMAGE_OPTION_STRIPE_COUNT: c_int = 4;
 pub const RBD_IMAGE_OPTION_DATA_POOL: c_int = 10;
 pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
@@ -124,6 +126,22 @@ extern "C" {
         buf: *const c_char,
         len: size_t,
     ) -> c_int;
+    pub fn rados_append(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        buf: *const c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_exec(
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        cls: *const c_char,
+        method: *const c_char,
+        in_buf: *const c_char,
+        in_len: size_t,
+        buf: *mut c_char,
+        out_len: size_t,
+    ) -> c_int;
     pub fn rados_read(
         io: rados_ioctx_t,
         oid: *const c_char,
@@ -189,6 +207,11 @@ extern "C" {
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: size_t);
     pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+    pub fn rbd_namespace_exists(
+        io: rados_ioctx_t,
+        namespace_name: *const c_char,
+        exists: *mut bool,
+    ) -> c_int;
     pub fn rbd_trash_list(
         io: rados_ioctx_t,
         entries: *mut rbd_trash_image_info_t,
@@ -253,4 +276,47 @@ extern "C" {
         max: *mut size_t,
     ) -> c_int;
     pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num: size_t);
+}
+
+pub type rados_write_op_t = *mut libc::c_void;
+
+/// `rados_write_op_cmpxattr`: the stored value must equal the given one.
+pub const LIBRADOS_CMPXATTR_OP_EQ: u8 = 1;
+
+// Extended attributes, compound write operations and client addresses: the attachment record's
+// compare-and-swap and the blocklisting of fenced clients.
+#[link(name = "rados")]
+extern "C" {
+    pub fn rados_getxattr(
+        io: rados_ioctx_t,
+        o: *const c_char,
+        name: *const c_char,
+        buf: *mut c_char,
+        len: size_t,
+    ) -> c_int;
+    pub fn rados_create_write_op() -> rados_write_op_t;
+    pub fn rados_release_write_op(op: rados_write_op_t);
+    pub fn rados_write_op_assert_exists(op: rados_write_op_t);
+    pub fn rados_write_op_cmpxattr(
+        op: rados_write_op_t,
+        name: *const c_char,
+        comparison_operator: u8,
+        value: *const c_char,
+        value_len: size_t,
+    );
+    pub fn rados_write_op_setxattr(
+        op: rados_write_op_t,
+        name: *const c_char,
+        value: *const c_char,
+        value_len: size_t,
+    );
+    pub fn rados_write_op_operate(
+        op: rados_write_op_t,
+        io: rados_ioctx_t,
+        oid: *const c_char,
+        mtime: *mut time_t,
+        flags: c_int,
+    ) -> c_int;
+    /// The session's addresses, as watchers and the blocklist show them; free with `free(3)`.
+    pub fn rados_getaddrs(cluster: rados_t, addrs: *mut *mut c_char) -> c_int;
 }

@@ -1,15 +1,16 @@
 //! Cluster health as Probe reports it: checked in the background, cached, never dialled per Probe.
 //!
 //! A cluster is healthy when a pooled connection's monitor command answers, or, before any
-//! connection exists, when a monitor answers the messenger banner on TCP. Probe is ready only
-//! when every configured cluster is healthy.
+//! connection exists, when a monitor answers the messenger banner on TCP. Probe (and `/readyz`)
+//! is ready only when every configured cluster is healthy; `/healthz` reports each cluster's
+//! state and last error.
 
 use super::pool::blocking;
 use super::ConnectionPool;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
 
 /// A cluster to watch: its ID (as connections in the pool are keyed) and its monitors.
@@ -19,14 +20,66 @@ pub struct Target {
     pub monitors: Vec<String>,
 }
 
-#[derive(Default)]
+/// What the last check of a cluster found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    /// No check has finished yet.
+    Unchecked,
+    Up,
+    Down,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Unchecked => "unchecked",
+            State::Up => "up",
+            State::Down => "down",
+        }
+    }
+}
+
+/// One cluster's health as of its last check. The last error is kept after the cluster comes
+/// back, so a report can still say what went wrong and when.
+#[derive(Debug, Clone)]
+pub struct ClusterHealth {
+    pub cluster_id: String,
+    pub state: State,
+    pub last_check: Option<Instant>,
+    /// When `state` last changed (or when watching began).
+    pub since: Instant,
+    pub last_error: Option<(Instant, String)>,
+}
+
 pub struct Health {
+    targets: Vec<Target>,
     ready: AtomicBool,
     checked: AtomicBool,
-    problems: Mutex<Vec<String>>,
+    clusters: Mutex<Vec<ClusterHealth>>,
 }
 
 impl Health {
+    pub fn new(targets: Vec<Target>) -> Self {
+        let now = Instant::now();
+        let clusters = targets
+            .iter()
+            .map(|t| ClusterHealth {
+                cluster_id: t.cluster_id.clone(),
+                state: State::Unchecked,
+                last_check: None,
+                since: now,
+                last_error: None,
+            })
+            .collect();
+        Self {
+            targets,
+            ready: AtomicBool::new(false),
+            checked: AtomicBool::new(false),
+            clusters: Mutex::new(clusters),
+        }
+    }
+
+    /// Every configured cluster answered its last check.
     pub fn ready(&self) -> bool {
         self.ready.load(Ordering::Acquire)
     }
@@ -35,16 +88,30 @@ impl Health {
         self.checked.load(Ordering::Acquire)
     }
 
+    pub fn clusters(&self) -> Vec<ClusterHealth> {
+        self.clusters.lock().unwrap().clone()
+    }
+
+    /// Why the driver is not ready, one line per cluster that is not up.
     pub fn problems(&self) -> Vec<String> {
-        self.problems.lock().unwrap().clone()
+        self.clusters
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|c| match (c.state, &c.last_error) {
+                (State::Up, _) => None,
+                (State::Down, Some((_, e))) => Some(format!("cluster {}: {e}", c.cluster_id)),
+                (state, _) => Some(format!("cluster {}: {}", c.cluster_id, state.as_str())),
+            })
+            .collect()
     }
 
     /// One round of checks over every cluster; updates the cached answer.
-    pub async fn check(&self, clusters: &[Target], pool: &ConnectionPool, timeout: Duration) {
+    pub async fn check(&self, pool: &ConnectionPool, timeout: Duration) {
         let conns: HashMap<String, _> = pool.connections().into_iter().collect();
-        let mut problems = Vec::new();
-        for entry in clusters {
-            let ok = match conns.get(&entry.cluster_id) {
+        let mut outcomes = Vec::with_capacity(self.targets.len());
+        for entry in &self.targets {
+            let outcome = match conns.get(&entry.cluster_id) {
                 Some(conn) => {
                     let conn = conn.clone();
                     match blocking(move || {
@@ -52,46 +119,50 @@ impl Health {
                     })
                     .await
                     {
-                        Ok(_) => true,
+                        Ok(_) => Ok(()),
                         // Refused by caps still proves the monitors answer.
-                        Err(e) if e.permission_denied() => true,
-                        Err(e) => {
-                            problems.push(format!("cluster {}: {e}", entry.cluster_id));
-                            false
-                        }
+                        Err(e) if e.permission_denied() => Ok(()),
+                        Err(e) => Err(e.to_string()),
                     }
                 }
-                None => match banner_check(&entry.monitors, timeout).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        problems.push(format!("cluster {}: {e}", entry.cluster_id));
-                        false
-                    }
-                },
+                None => banner_check(&entry.monitors, timeout).await,
             };
-            if !ok {
-                tracing::warn!(cluster = %entry.cluster_id, "cluster is not reachable");
-            }
+            outcomes.push(outcome);
         }
-        let ready = problems.is_empty();
+        let ready = self.record(outcomes, Instant::now());
         if ready != self.ready() || !self.checked() {
             tracing::info!(ready, "cluster health changed");
         }
-        *self.problems.lock().unwrap() = problems;
         self.ready.store(ready, Ordering::Release);
         self.checked.store(true, Ordering::Release);
     }
 
+    /// Stores one round's outcomes (in `targets` order); returns whether all are up.
+    fn record(&self, outcomes: Vec<Result<(), String>>, now: Instant) -> bool {
+        let mut clusters = self.clusters.lock().unwrap();
+        for (c, outcome) in clusters.iter_mut().zip(outcomes) {
+            let state = match outcome {
+                Ok(()) => State::Up,
+                Err(e) => {
+                    tracing::warn!(cluster = %c.cluster_id, error = %e, "cluster is not reachable");
+                    c.last_error = Some((now, e));
+                    State::Down
+                }
+            };
+            if state != c.state {
+                c.since = now;
+                c.state = state;
+            }
+            c.last_check = Some(now);
+        }
+        clusters.iter().all(|c| c.state == State::Up)
+    }
+
     /// Checks now and then every `interval`, for the life of the process.
-    pub fn spawn(
-        self: Arc<Self>,
-        clusters: Vec<Target>,
-        pool: Arc<ConnectionPool>,
-        interval: Duration,
-    ) {
+    pub fn spawn(self: Arc<Self>, pool: Arc<ConnectionPool>, interval: Duration) {
         tokio::spawn(async move {
             loop {
-                self.check(&clusters, &pool, Duration::from_secs(2)).await;
+                self.check(&pool, Duration::from_secs(2)).await;
                 tokio::time::sleep(interval).await;
             }
         });
@@ -153,6 +224,36 @@ pub async fn banner_check(monitors: &[String], timeout: Duration) -> Result<(), 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn target(id: &str) -> Target {
+        Target {
+            cluster_id: id.into(),
+            monitors: vec![],
+        }
+    }
+
+    #[test]
+    fn a_cluster_that_comes_back_is_up_and_keeps_its_last_error() {
+        let h = Health::new(vec![target("a"), target("b")]);
+        assert_eq!(
+            h.problems(),
+            vec!["cluster a: unchecked", "cluster b: unchecked"]
+        );
+        let t0 = Instant::now();
+        assert!(!h.record(vec![Ok(()), Err("monitor x: refused".into())], t0));
+        assert_eq!(h.problems(), vec!["cluster b: monitor x: refused"]);
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(h.record(vec![Ok(()), Ok(())], t1));
+        assert!(h.problems().is_empty());
+        let b = &h.clusters()[1];
+        assert_eq!(b.state, State::Up);
+        assert_eq!(b.since, t1);
+        assert_eq!(b.last_check, Some(t1));
+        assert_eq!(b.last_error, Some((t0, "monitor x: refused".to_string())));
+        // Unchanged state keeps its start.
+        let a = &h.clusters()[0];
+        assert_eq!(a.since, t0);
+    }
 
     #[test]
     fn monitor_strings_in_every_ceph_notation_become_addresses() {

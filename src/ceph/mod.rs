@@ -1,17 +1,19 @@
 //! The only code that talks to Ceph.
 //!
 //! `ffi` declares the C functions, `rados` and `rbd` wrap them in safe, blocking Rust types, and
-//! `pool` keeps one connection per (cluster, user) and runs every blocking call on tokio's blocking
-//! thread pool, never on its async workers.
+//! `pool` keeps one connection per (cluster, user), replaces the ones that are fenced, stuck or
+//! idle, and runs every blocking call on tokio's blocking thread pool, never on its async workers.
 
+pub mod blocklist;
 pub mod ffi;
 pub mod health;
+pub mod object;
 pub mod pool;
 pub mod rados;
 pub mod rbd;
 
-pub use pool::{CephTimeouts, ConnectionPool};
-pub use rados::{Connection, IoCtx};
+pub use pool::{CephTimeouts, ConnectionPool, Eviction, PoolPolicy, PoolStats};
+pub use rados::{ConnHealth, Connection, HealthSnapshot, IoCtx};
 pub use rbd::{Image, ImageOptions};
 
 use std::ffi::CString;
@@ -61,6 +63,12 @@ impl CephError {
     /// The cluster did not answer in time (osd/mon op timeout, or a connect that never completed).
     pub fn timed_out(&self) -> bool {
         self.errno == libc::ETIMEDOUT
+    }
+
+    /// The client is blocklisted (librados's EBLOCKLISTED is ESHUTDOWN) or shut down; only a new
+    /// connection can work.
+    pub fn fenced(&self) -> bool {
+        self.errno == libc::ESHUTDOWN
     }
 
     pub fn permission_denied(&self) -> bool {

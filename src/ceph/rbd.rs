@@ -1,8 +1,10 @@
 //! Safe, blocking wrappers over librbd: image create/clone/remove/list in a pool, and the
 //! per-image operations (resize, snapshots, metadata, watchers, parent and children).
 
+use super::rados::IoHandle;
 use super::{check, cstr, ffi, owned, CephError, IoCtx, Result};
 use std::ptr;
+use std::sync::Arc;
 
 /// Creation options for `rbd_create4` and `rbd_clone3`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -10,6 +12,8 @@ pub struct ImageOptions {
     pub features: u64,
     pub data_pool: Option<String>,
     pub order: Option<u8>,
+    /// (stripe unit in bytes, stripe count); librbd adds the striping-v2 feature when needed.
+    pub stripe: Option<(u64, u64)>,
 }
 
 struct Options(ffi::rbd_image_options_t);
@@ -39,6 +43,10 @@ impl ImageOptions {
         if let Some(order) = self.order {
             set_u64(ffi::RBD_IMAGE_OPTION_ORDER, order as u64)?;
         }
+        if let Some((unit, count)) = self.stripe {
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_UNIT, unit)?;
+            set_u64(ffi::RBD_IMAGE_OPTION_STRIPE_COUNT, count)?;
+        }
         if let Some(dp) = &self.data_pool {
             let v = cstr(op, dp)?;
             check(op, "data pool", unsafe {
@@ -63,6 +71,8 @@ pub struct SnapInfo {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParentInfo {
     pub pool: String,
+    /// RADOS namespace; empty for the pool's default.
+    pub namespace: String,
     pub image_name: String,
     pub image_id: String,
     pub snap_name: String,
@@ -89,9 +99,28 @@ impl IoCtx {
         let n = cstr("rbd_create4", name)?;
         let o = opts.build("rbd_create4", false)?;
         check("rbd_create4", &self.target(name), unsafe {
-            ffi::rbd_create4(self.raw, n.as_ptr(), size, o.0)
+            self.seen(ffi::rbd_create4(self.raw(), n.as_ptr(), size, o.0))
         })?;
         Ok(())
+    }
+
+    /// Sets image metadata with the object-class call librbd itself makes, without opening the
+    /// image: two round trips instead of librbd's open, watch, exclusive lock and close. Only for
+    /// an image nobody has open (one just created): an open handle would not see the change.
+    pub fn metadata_set_unopened(&self, name: &str, pairs: &[(&str, &str)]) -> Result<()> {
+        let id_object = format!("rbd_id.{name}");
+        let bad = |errno: i32| CephError::new("rados_read", self.target(&id_object), -errno);
+        let raw = self
+            .read_small(&id_object)?
+            .ok_or_else(|| bad(libc::ENOENT))?;
+        let id = decode_string(&raw).ok_or_else(|| bad(libc::EINVAL))?;
+        // cls_rbd's metadata_set takes a Ceph-encoded map<string, bufferlist>.
+        let mut input = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (k, v) in pairs {
+            encode_bytes(&mut input, k.as_bytes());
+            encode_bytes(&mut input, v.as_bytes());
+        }
+        self.exec(&format!("rbd_header.{id}"), "rbd", "metadata_set", &input)
     }
 
     /// Clone `parent@snap` (in this pool) into `child` in `child_io` (clone v2: no protect needed).
@@ -108,14 +137,14 @@ impl IoCtx {
         let c = cstr("rbd_clone3", child)?;
         let o = opts.build("rbd_clone3", true)?;
         check("rbd_clone3", &child_io.target(child), unsafe {
-            ffi::rbd_clone3(
-                self.raw,
+            self.seen(ffi::rbd_clone3(
+                self.raw(),
                 p.as_ptr(),
                 s.as_ptr(),
-                child_io.raw,
+                child_io.raw(),
                 c.as_ptr(),
                 o.0,
-            )
+            ))
         })?;
         Ok(())
     }
@@ -123,7 +152,7 @@ impl IoCtx {
     pub fn remove_image(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_remove", name)?;
         check("rbd_remove", &self.target(name), unsafe {
-            ffi::rbd_remove(self.raw, n.as_ptr())
+            self.seen(ffi::rbd_remove(self.raw(), n.as_ptr()))
         })?;
         Ok(())
     }
@@ -132,11 +161,12 @@ impl IoCtx {
         let n = cstr("rbd_open", name)?;
         let mut raw = ptr::null_mut();
         check("rbd_open", &self.target(name), unsafe {
-            ffi::rbd_open(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open(self.raw(), n.as_ptr(), &mut raw, ptr::null()))
         })?;
         Ok(Image {
             raw,
             name: self.target(name),
+            io: self.handle(),
         })
     }
 
@@ -145,11 +175,17 @@ impl IoCtx {
         let n = cstr("rbd_open_read_only", name)?;
         let mut raw = ptr::null_mut();
         check("rbd_open_read_only", &self.target(name), unsafe {
-            ffi::rbd_open_read_only(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open_read_only(
+                self.raw(),
+                n.as_ptr(),
+                &mut raw,
+                ptr::null(),
+            ))
         })?;
         Ok(Image {
             raw,
             name: self.target(name),
+            io: self.handle(),
         })
     }
 
@@ -157,11 +193,17 @@ impl IoCtx {
         let n = cstr("rbd_open_by_id", id)?;
         let mut raw = ptr::null_mut();
         check("rbd_open_by_id", &self.target(id), unsafe {
-            ffi::rbd_open_by_id(self.raw, n.as_ptr(), &mut raw, ptr::null())
+            self.seen(ffi::rbd_open_by_id(
+                self.raw(),
+                n.as_ptr(),
+                &mut raw,
+                ptr::null(),
+            ))
         })?;
         Ok(Image {
             raw,
             name: self.target(id),
+            io: self.handle(),
         })
     }
 
@@ -171,7 +213,7 @@ impl IoCtx {
         loop {
             let mut specs: Vec<ffi::rbd_image_spec_t> = Vec::with_capacity(max);
             let mut n = max;
-            let ret = unsafe { ffi::rbd_list2(self.raw, specs.as_mut_ptr(), &mut n) };
+            let ret = self.seen(unsafe { ffi::rbd_list2(self.raw(), specs.as_mut_ptr(), &mut n) });
             if ret == -libc::ERANGE {
                 max = n.max(max * 2);
                 continue;
@@ -187,7 +229,7 @@ impl IoCtx {
     pub fn trash_move(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_trash_move", name)?;
         check("rbd_trash_move", &self.target(name), unsafe {
-            ffi::rbd_trash_move(self.raw, n.as_ptr(), 0)
+            self.seen(ffi::rbd_trash_move(self.raw(), n.as_ptr(), 0))
         })?;
         Ok(())
     }
@@ -195,7 +237,7 @@ impl IoCtx {
     pub fn trash_remove(&self, id: &str) -> Result<()> {
         let n = cstr("rbd_trash_remove", id)?;
         check("rbd_trash_remove", &self.target(id), unsafe {
-            ffi::rbd_trash_remove(self.raw, n.as_ptr(), true)
+            self.seen(ffi::rbd_trash_remove(self.raw(), n.as_ptr(), true))
         })?;
         Ok(())
     }
@@ -205,7 +247,8 @@ impl IoCtx {
         loop {
             let mut entries: Vec<ffi::rbd_trash_image_info_t> = Vec::with_capacity(max);
             let mut n = max;
-            let ret = unsafe { ffi::rbd_trash_list(self.raw, entries.as_mut_ptr(), &mut n) };
+            let ret =
+                self.seen(unsafe { ffi::rbd_trash_list(self.raw(), entries.as_mut_ptr(), &mut n) });
             if ret == -libc::ERANGE {
                 max = n.max(max * 2);
                 continue;
@@ -228,16 +271,19 @@ impl IoCtx {
     pub fn pool_stat(&self) -> Result<ffi::rados_pool_stat_t> {
         let mut st = ffi::rados_pool_stat_t::default();
         check("rados_ioctx_pool_stat", self.pool(), unsafe {
-            ffi::rados_ioctx_pool_stat(self.raw, &mut st)
+            self.seen(ffi::rados_ioctx_pool_stat(self.raw(), &mut st))
         })?;
         Ok(st)
     }
 }
 
-/// An open image. Closed on drop.
+/// An open image. Closed on drop. Holds its I/O context, and through it the cluster
+/// handle, so an image can never outlive its connection; every call's outcome goes into the
+/// connection's health.
 pub struct Image {
     raw: ffi::rbd_image_t,
     name: String,
+    io: Arc<IoHandle>,
 }
 
 unsafe impl Send for Image {}
@@ -253,7 +299,14 @@ impl Image {
         CephError::new(op, self.name.clone(), ret)
     }
 
+    /// Records a librbd return code in the connection's health and turns it into a `Result`.
     fn check(&self, op: &'static str, ret: i32) -> Result<i32> {
+        self.check_local(op, self.io.seen(ret))
+    }
+
+    /// For getters that librbd answers from the open image's memory: their success says nothing
+    /// about whether the cluster answers, so they leave the health record alone.
+    fn check_local(&self, op: &'static str, ret: i32) -> Result<i32> {
         if ret < 0 {
             Err(self.err(op, ret))
         } else {
@@ -263,7 +316,7 @@ impl Image {
 
     pub fn size(&self) -> Result<u64> {
         let mut info: ffi::rbd_image_info_t = unsafe { std::mem::zeroed() };
-        self.check("rbd_stat", unsafe {
+        self.check_local("rbd_stat", unsafe {
             ffi::rbd_stat(
                 self.raw,
                 &mut info,
@@ -275,7 +328,7 @@ impl Image {
 
     pub fn id(&self) -> Result<String> {
         let mut buf = [0 as libc::c_char; 64];
-        self.check("rbd_get_id", unsafe {
+        self.check_local("rbd_get_id", unsafe {
             ffi::rbd_get_id(self.raw, buf.as_mut_ptr(), buf.len())
         })?;
         Ok(unsafe { owned(buf.as_ptr()) })
@@ -283,7 +336,7 @@ impl Image {
 
     pub fn features(&self) -> Result<u64> {
         let mut f = 0u64;
-        self.check("rbd_get_features", unsafe {
+        self.check_local("rbd_get_features", unsafe {
             ffi::rbd_get_features(self.raw, &mut f)
         })?;
         Ok(f)
@@ -348,7 +401,7 @@ impl Image {
             tv_sec: 0,
             tv_nsec: 0,
         };
-        self.check("rbd_snap_get_timestamp", unsafe {
+        self.check_local("rbd_snap_get_timestamp", unsafe {
             ffi::rbd_snap_get_timestamp(self.raw, snap_id, &mut ts)
         })?;
         Ok((ts.tv_sec, ts.tv_nsec as i32))
@@ -359,12 +412,14 @@ impl Image {
         let mut snap: ffi::rbd_snap_spec_t = unsafe { std::mem::zeroed() };
         let ret = unsafe { ffi::rbd_get_parent(self.raw, &mut img, &mut snap) };
         if ret == -libc::ENOENT {
+            self.io.seen(ret);
             return Ok(None);
         }
         self.check("rbd_get_parent", ret)?;
         let info = unsafe {
             ParentInfo {
                 pool: owned(img.pool_name),
+                namespace: owned(img.pool_namespace),
                 image_name: owned(img.image_name),
                 image_id: owned(img.image_id),
                 snap_name: owned(snap.name),
@@ -422,7 +477,10 @@ impl Image {
                 )
             };
             match ret {
-                r if r == -libc::ENOENT => return Ok(None),
+                r if r == -libc::ENOENT => {
+                    self.io.seen(r);
+                    return Ok(None);
+                }
                 r if r == -libc::ERANGE => {
                     len = n.max(len * 2);
                     continue;
@@ -447,9 +505,12 @@ impl Image {
 
     pub fn metadata_remove(&self, key: &str) -> Result<()> {
         let k = cstr("rbd_metadata_remove", key)?;
-        match unsafe { ffi::rbd_metadata_remove(self.raw, k.as_ptr()) } {
+        match self
+            .io
+            .seen(unsafe { ffi::rbd_metadata_remove(self.raw, k.as_ptr()) })
+        {
             r if r == -libc::ENOENT => Ok(()),
-            r => self.check("rbd_metadata_remove", r).map(|_| ()),
+            r => check("rbd_metadata_remove", &self.name, r).map(|_| ()),
         }
     }
 
@@ -470,5 +531,38 @@ impl Image {
             unsafe { ffi::rbd_watchers_list_cleanup(v.as_mut_ptr(), n) };
             return Ok(out);
         }
+    }
+
+    /// The RADOS object that holds the image's header (format 2): it lives exactly as long as
+    /// the image, and clones and copies never inherit its attributes.
+    pub fn header_object(&self) -> Result<String> {
+        Ok(format!("rbd_header.{}", self.id()?))
+    }
+}
+
+/// Ceph's encoding of a string or buffer: a little-endian u32 length, then the bytes.
+fn encode_bytes(out: &mut Vec<u8>, b: &[u8]) {
+    out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+    out.extend_from_slice(b);
+}
+
+fn decode_string(raw: &[u8]) -> Option<String> {
+    let (len, rest) = raw.split_first_chunk::<4>()?;
+    let b = rest.get(..u32::from_le_bytes(*len) as usize)?;
+    String::from_utf8(b.to_vec()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ceph_strings_round_trip_and_short_input_is_refused() {
+        let mut b = Vec::new();
+        encode_bytes(&mut b, b"10ab3f9c2e");
+        assert_eq!(b[..4], [10, 0, 0, 0]);
+        assert_eq!(decode_string(&b).as_deref(), Some("10ab3f9c2e"));
+        assert_eq!(decode_string(&b[..8]), None);
+        assert_eq!(decode_string(&[1, 0]), None);
     }
 }

@@ -133,11 +133,18 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::CreateVolumeResponse>, Status> {
         let r = req.into_inner();
         crate::volume::controller::validate_name("name", &r.name)?;
+        crate::metrics::record_request_name(&r.name);
         check_capabilities(&r.volume_capabilities)?;
-        let params = VolumeParams::parse(&r.parameters)?;
-        let unknown = params.unknown_keys();
-        if !unknown.is_empty() {
-            tracing::warn!(keys = ?unknown, "ignoring StorageClass parameters this driver does not know");
+        let mut parameters = r.parameters;
+        // A StorageClass may leave clusterID out when the driver knows only one cluster.
+        if !parameters.contains_key("clusterID") {
+            if let Some(only) = self.inner.clusters().only() {
+                parameters.insert("clusterID".into(), only.cluster_id.clone());
+            }
+        }
+        let params = VolumeParams::parse(&parameters)?;
+        for (key, why) in params.ignored() {
+            tracing::warn!(key, why, "ignoring a StorageClass parameter");
         }
         let creds = Credentials::from_secrets(&r.secrets)?;
         let source = match r.volume_content_source.and_then(|s| s.r#type) {
@@ -194,6 +201,7 @@ impl controller_server::Controller for ControllerService {
         req: Request<proto::DeleteVolumeRequest>,
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let r = req.into_inner();
+        crate::metrics::record_volume_id(&r.volume_id);
         self.inner.delete_volume(&r.volume_id, &r.secrets).await?;
         tracing::info!(volume.id = %r.volume_id, "volume deleted");
         Ok(Response::new(proto::DeleteVolumeResponse {}))
@@ -205,6 +213,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerPublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         require(&r.node_id, "node_id")?;
         let cap = r
             .volume_capability
@@ -232,6 +241,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerUnpublishVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         self.inner
             .unpublish(&r.volume_id, &r.node_id, &r.secrets)
             .await?;
@@ -245,6 +255,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ValidateVolumeCapabilitiesResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         if r.volume_capabilities.is_empty() {
             return Err(Status::invalid_argument("volume_capabilities are required"));
         }
@@ -332,7 +343,9 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
         let r = req.into_inner();
         require(&r.source_volume_id, "source_volume_id")?;
+        crate::metrics::record_volume_id(&r.source_volume_id);
         crate::volume::controller::validate_name("name", &r.name)?;
+        crate::metrics::record_request_name(&r.name);
         let snap = self
             .inner
             .create_snapshot(&r.name, &r.source_volume_id, &r.secrets)
@@ -348,6 +361,7 @@ impl controller_server::Controller for ControllerService {
         req: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
+        crate::metrics::record_snapshot_id(&r.snapshot_id);
         self.inner
             .delete_snapshot(&r.snapshot_id, &r.secrets)
             .await?;
@@ -389,6 +403,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
         let r = req.into_inner();
         require(&r.snapshot_id, "snapshot_id")?;
+        crate::metrics::record_snapshot_id(&r.snapshot_id);
         let page = self
             .inner
             .list_snapshots(&r.snapshot_id, "", 0, "", &r.secrets)
@@ -407,6 +422,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         let range = r
             .capacity_range
             .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
@@ -436,6 +452,7 @@ impl controller_server::Controller for ControllerService {
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
         let r = req.into_inner();
         require(&r.volume_id, "volume_id")?;
+        crate::metrics::record_volume_id(&r.volume_id);
         let v = self
             .inner
             .get_volume(&r.volume_id, &Default::default())

@@ -6,6 +6,7 @@ pub mod controller;
 pub mod driver;
 pub mod identity;
 pub mod node;
+pub mod registration;
 pub mod server;
 pub mod status;
 

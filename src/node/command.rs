@@ -5,6 +5,7 @@
 //! 0600 key files, see [`crate::node::mapper::KeyFile`]).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -19,6 +20,12 @@ pub struct CommandSpec {
     /// Start the child in its own process group, so a daemon it leaves behind (rbd-fuse, rbd-nbd)
     /// does not share our group's signals and outlives the plugin.
     pub own_process_group: bool,
+    /// Never kill it (mkfs, fsck, resize, umount): past the deadline the caller is answered
+    /// and the command is still awaited, see [`crate::node::step::to_end`].
+    pub must_finish: bool,
+    /// `cgroup.procs` files the child joins before exec (mapper daemons leave the plugin's
+    /// cgroups, see [`crate::node::mapper::cgroup`]).
+    pub cgroup_procs: Vec<PathBuf>,
 }
 
 impl CommandSpec {
@@ -28,6 +35,8 @@ impl CommandSpec {
             args: Vec::new(),
             env: Vec::new(),
             own_process_group: false,
+            must_finish: false,
+            cgroup_procs: Vec::new(),
         }
     }
 
@@ -52,6 +61,18 @@ impl CommandSpec {
 
     pub fn detached(mut self) -> Self {
         self.own_process_group = true;
+        self
+    }
+
+    /// Starts the command in these cgroups (their `cgroup.procs` files) instead of ours.
+    pub fn in_cgroups(mut self, procs: Vec<PathBuf>) -> Self {
+        self.cgroup_procs = procs;
+        self
+    }
+
+    /// Marks a command that must never be killed half-way.
+    pub fn to_end(mut self) -> Self {
+        self.must_finish = true;
         self
     }
 }
@@ -84,35 +105,51 @@ impl CommandOutput {
 }
 
 /// Runs `spec` to completion within `timeout`; a non-zero exit is *not* an error here.
-/// The child is killed if the deadline passes (or the future is dropped).
+/// The child is killed if the deadline passes (or the future is dropped), unless it
+/// [must finish](CommandSpec::to_end): then it is awaited to its end and, if dropped, left to
+/// finish on its own.
 pub async fn run(spec: &CommandSpec, timeout: Duration) -> Result<CommandOutput, NodeError> {
     let mut cmd = tokio::process::Command::new(&spec.program);
     cmd.args(&spec.args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .kill_on_drop(!spec.must_finish);
     for (k, v) in &spec.env {
         cmd.env(k, v);
     }
     if spec.own_process_group {
         cmd.process_group(0);
     }
-    tracing::debug!(command = %spec, "running");
-    let child = cmd.spawn().map_err(|source| NodeError::CommandSpawn {
+    let spawn_error = |source| NodeError::CommandSpawn {
         program: spec.program.clone(),
         source,
-    })?;
-    match tokio::time::timeout(timeout, child.wait_with_output()).await {
-        Err(_) => Err(NodeError::CommandTimeout {
-            program: spec.program.clone(),
-            after: timeout,
-        }),
-        Ok(Err(source)) => Err(NodeError::CommandSpawn {
+    };
+    if !spec.cgroup_procs.is_empty() {
+        super::mapper::cgroup::join_before_exec(&mut cmd, &spec.cgroup_procs)
+            .map_err(spawn_error)?;
+    }
+    tracing::debug!(command = %spec, "running");
+    let child = cmd.spawn().map_err(spawn_error)?;
+    let done = if spec.must_finish {
+        super::step::to_end(&spec.program, timeout, child.wait_with_output()).await
+    } else {
+        match tokio::time::timeout(timeout, child.wait_with_output()).await {
+            Ok(done) => done,
+            Err(_) => {
+                return Err(NodeError::CommandTimeout {
+                    program: spec.program.clone(),
+                    after: timeout,
+                })
+            }
+        }
+    };
+    match done {
+        Err(source) => Err(NodeError::CommandSpawn {
             program: spec.program.clone(),
             source,
         }),
-        Ok(Ok(out)) => Ok(CommandOutput {
+        Ok(out) => Ok(CommandOutput {
             status: out.status,
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -160,6 +197,28 @@ mod tests {
             msg.contains("sh") && msg.contains("boom") && msg.contains('3'),
             "{msg}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_command_that_must_finish_outlives_its_deadline_and_a_dropped_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let done = dir.path().join("done");
+        let spec = CommandSpec::new("sh")
+            .args(["-c", &format!("sleep 0.3; echo ok > {}", done.display())])
+            .to_end();
+        // The caller gives up (a dropped RPC) long before the command is over.
+        let call = run(&spec, Duration::from_secs(5));
+        assert!(tokio::time::timeout(Duration::from_millis(50), call)
+            .await
+            .is_err());
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(done.exists(), "the command was killed with its caller");
+
+        let spec = CommandSpec::new("sh")
+            .args(["-c", "sleep 0.2; echo finished"])
+            .to_end();
+        let out = run(&spec, Duration::from_millis(20)).await.unwrap();
+        assert_eq!(out.stdout.trim(), "finished");
     }
 
     #[tokio::test]

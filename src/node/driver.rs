@@ -2,21 +2,29 @@
 //! stats. The gRPC adapter converts messages, calls one method, and maps [`NodeError::code`].
 //!
 //! Concurrent calls for the *same* volume must be kept apart by the caller (the per-volume
-//! in-flight guard of `volume/`); calls for different volumes may run in parallel.
+//! in-flight guard of `volume/`, which holds the key until the work is over); calls for
+//! different volumes may run in parallel. Steps that change something run to their end (see
+//! [`super::step`]), so an undo never runs beside the step it undoes.
 
+use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
+use nix::mount::MsFlags;
 use serde::{Deserialize, Serialize};
 
 use super::fs::{self, FsStats, FsType, Probe};
 use super::mapper::{
-    AutoProbe, ImageRef, MapRequest, MapperChoice, MapperConfig, MapperKind, Mappers, Mapping,
+    AutoProbe, CgroupSetting, ImageRef, KeyDir, MapRequest, MapperCgroup, MapperChoice,
+    MapperConfig, MapperKind, Mappers, Mapping,
 };
 use super::mount::{self, MountOptions, MountTable};
 use super::paths::PathPolicy;
+use super::reach::{self, Reach};
 use super::state::{ensure_private_dir, StagingState, StateStore};
+use super::step::blocking_to_end;
 use super::{blocking, NodeError};
 
 /// Block or filesystem access, as recorded in the state file.
@@ -98,8 +106,17 @@ pub struct NodeConfig {
     /// mkfs and fsck of a large volume take longer than other commands.
     pub mkfs_timeout: Duration,
     pub fuse_connect_timeout: Duration,
+    /// How long an unmount may run before the caller is answered DeadlineExceeded (the unmount
+    /// goes on: it may be writing back data).
     pub unmount_timeout: Duration,
+    /// A memory-backed directory for key files; `None` tries the defaults (see [`KeyDir`]).
+    pub key_dir: Option<PathBuf>,
+    /// An unstage stuck on a cluster that is unreachable is forced (losing what was not written)
+    /// only once the caller asked again this many times.
+    pub force_unstage_after: u32,
     pub auto_probe: AutoProbe,
+    /// Where rbd-fuse and rbd-nbd run, so they outlive the plugin's container.
+    pub mapper_cgroup: CgroupSetting,
 }
 
 impl NodeConfig {
@@ -112,7 +129,11 @@ impl NodeConfig {
             mkfs_timeout: Duration::from_secs(600),
             fuse_connect_timeout: Duration::from_secs(20),
             unmount_timeout: Duration::from_secs(10),
+            key_dir: None,
+            // kubelet backs off from 0.5 s, doubling up to about 2 min: some 4 min of retries.
+            force_unstage_after: 10,
             auto_probe: AutoProbe::default(),
+            mapper_cgroup: CgroupSetting::default(),
         }
     }
 }
@@ -123,6 +144,31 @@ pub struct NodeDriver {
     paths: PathPolicy,
     state: StateStore,
     mappers: Mappers,
+    key_dir: KeyDir,
+    /// Unstages in progress, as a caller asking again sees them (the volume's key is held).
+    unstaging: Mutex<HashMap<String, Unstaging>>,
+}
+
+/// An unstage whose teardown may be waiting on the cluster.
+#[derive(Debug)]
+struct Unstaging {
+    mapping: Mapping,
+    staging: PathBuf,
+    since: Instant,
+    retries: u32,
+    forced: bool,
+}
+
+/// Removes the volume's [`Unstaging`] record when its unstage ends, however it ends.
+struct UnstagingRecord<'a> {
+    records: &'a Mutex<HashMap<String, Unstaging>>,
+    volume_id: String,
+}
+
+impl Drop for UnstagingRecord<'_> {
+    fn drop(&mut self) {
+        self.records.lock().unwrap().remove(&self.volume_id);
+    }
 }
 
 fn require(value: &str, what: &str) -> Result<(), NodeError> {
@@ -137,12 +183,15 @@ impl NodeDriver {
     pub fn new(config: NodeConfig) -> Result<Self, NodeError> {
         ensure_private_dir(&config.state_dir)?;
         let state = StateStore::open(config.state_dir.join("staged"))?;
+        let key_dir = KeyDir::open(config.key_dir.as_deref(), &config.state_dir)?;
         let mappers = Mappers::new(
             MapperConfig {
                 state_dir: config.state_dir.clone(),
+                key_dir: key_dir.path().to_path_buf(),
                 command_timeout: config.command_timeout,
                 fuse_connect_timeout: config.fuse_connect_timeout,
                 unmount_timeout: config.unmount_timeout,
+                cgroup: MapperCgroup::prepare(&config.mapper_cgroup).map(std::sync::Arc::new),
             },
             config.auto_probe.clone(),
         );
@@ -151,7 +200,14 @@ impl NodeDriver {
             config,
             state,
             mappers,
+            key_dir,
+            unstaging: Mutex::default(),
         })
+    }
+
+    /// Where key files for the mappers are written (memory-backed where the host has it).
+    pub fn key_dir(&self) -> &Path {
+        self.key_dir.path()
     }
 
     pub fn config(&self) -> &NodeConfig {
@@ -389,17 +445,17 @@ impl NodeDriver {
             }
         };
 
-        let mut flags = options.flags & !libc::MS_RDONLY;
+        let mut flags = options.flags & !MsFlags::MS_RDONLY;
         if read_only {
-            flags |= libc::MS_RDONLY;
+            flags |= MsFlags::MS_RDONLY;
         }
         if !options.data.is_empty() {
             tracing::warn!(volume.id = %req.volume_id, options = %options.data, "filesystem options are ignored on a bind mount");
         }
         let t = target.clone();
-        blocking("bind mount", self.config.command_timeout, move || {
+        blocking_to_end("bind mount", self.config.command_timeout, move || {
             mount::bind(&source, &t)?;
-            if flags != 0 {
+            if !flags.is_empty() {
                 if let Err(e) = mount::remount_bind(&t, flags) {
                     if let Err(ue) = mount::unmount(&t, false) {
                         tracing::error!(target = %t.display(), error = %ue, "cleanup: could not unmount bind");
@@ -422,7 +478,7 @@ impl NodeDriver {
             return Ok(());
         }
         if MountTable::load()?.is_mountpoint(&target) {
-            self.unmount_bounded(&target).await?;
+            self.unmount_to_end(&target).await?;
             if MountTable::load()?.is_mountpoint(&target) {
                 return Err(NodeError::FailedPrecondition(format!(
                     "{} is still mounted (stacked mounts?)",
@@ -576,7 +632,7 @@ impl NodeDriver {
         }
         let mut options = MountOptions::parse(mount_flags);
         if read_only {
-            options.flags |= libc::MS_RDONLY;
+            options.flags |= MsFlags::MS_RDONLY;
         }
         let extra = fs.default_mount_data();
         if !extra.is_empty() && !options.data.split(',').any(|o| o == extra) {
@@ -588,19 +644,29 @@ impl NodeDriver {
                 .join(",");
         }
         let (d, s) = (device.to_path_buf(), staging.to_path_buf());
-        blocking("mount", self.config.command_timeout, move || {
+        blocking_to_end("mount", self.config.command_timeout, move || {
             mount::mount_fs(&d, &s, fs.as_str(), &options)
         })
         .await
     }
 
     /// Unmounts staging, unmaps, removes the state file; stops at the first failure so a retry
-    /// finds the state file again.
+    /// finds the state file again. Every step runs to its end: an unmount that cannot write
+    /// back its dirty pages waits for the cluster (the caller is answered DeadlineExceeded
+    /// meanwhile), and nothing is unmapped under it. Only [`NodeDriver::unstage_asked_again`]
+    /// ever gives up on that data.
     async fn undo_stage(&self, state: &StagingState) -> Result<(), NodeError> {
+        let _record = self.record_unstaging(state);
         if state.access == AccessType::Mount
             && MountTable::load()?.is_mountpoint(&state.staging_path)
         {
-            self.unmount_bounded(&state.staging_path).await?;
+            self.unmount_to_end(&state.staging_path).await?;
+            if MountTable::load()?.is_mountpoint(&state.staging_path) {
+                return Err(NodeError::FailedPrecondition(format!(
+                    "{} is still mounted (stacked mounts?)",
+                    state.staging_path.display()
+                )));
+            }
         }
         match state.mapping.mapper {
             // The fuse mount point is derived from the image, so the recorded mapping is safe to
@@ -614,6 +680,7 @@ impl NodeDriver {
                     image: &state.image,
                 };
                 if let Some(current) = self.mappers.find(kind, &image).await? {
+                    let current = current.with_unmap_options_of(&state.mapping);
                     self.mappers.unmap(&current).await?;
                 }
             }
@@ -621,24 +688,93 @@ impl NodeDriver {
         self.state.remove(&state.volume_id)
     }
 
-    /// umount2 off-thread; if it does not return in time, detach lazily.
-    async fn unmount_bounded(&self, target: &Path) -> Result<(), NodeError> {
+    fn record_unstaging(&self, state: &StagingState) -> UnstagingRecord<'_> {
+        self.unstaging.lock().unwrap().insert(
+            state.volume_id.clone(),
+            Unstaging {
+                mapping: state.mapping.clone(),
+                staging: state.staging_path.clone(),
+                since: Instant::now(),
+                retries: 0,
+                forced: false,
+            },
+        );
+        UnstagingRecord {
+            records: &self.unstaging,
+            volume_id: state.volume_id.clone(),
+        }
+    }
+
+    /// NodeUnstageVolume arrived again while the first one still runs (it holds the volume's
+    /// key). Once it has waited past the unmount deadline, each such call counts; after
+    /// `force_unstage_after` of them, and only if no monitor of `monitors` answers, the
+    /// mapping's I/O path is broken so that the stuck teardown fails and ends. That loses what
+    /// was not written yet, and is logged as data loss. When this node's client was `fenced`
+    /// (blocklisted: nothing it holds can ever be written), it is forced at the first retry.
+    /// Returns whether it forced.
+    pub async fn unstage_asked_again(
+        &self,
+        volume_id: &str,
+        monitors: &[String],
+        fenced: bool,
+    ) -> bool {
+        let (mapping, staging, retries, waited) = {
+            let mut records = self.unstaging.lock().unwrap();
+            let Some(u) = records.get_mut(volume_id) else {
+                return false;
+            };
+            if u.forced || u.since.elapsed() < self.config.unmount_timeout {
+                return false;
+            }
+            u.retries += 1;
+            if !fenced && u.retries < self.config.force_unstage_after {
+                tracing::warn!(volume.id = %volume_id, retries = u.retries, waited = ?u.since.elapsed(), "unstage still waits for its unmount; not forcing yet");
+                return false;
+            }
+            (
+                u.mapping.clone(),
+                u.staging.clone(),
+                u.retries,
+                u.since.elapsed(),
+            )
+        };
+        let reach = match fenced {
+            true => Reach::Unreachable,
+            false => reach::monitors(monitors, Duration::from_secs(3)).await,
+        };
+        if reach != Reach::Unreachable {
+            tracing::warn!(volume.id = %volume_id, ?reach, retries, "unstage still waits for its unmount; not forcing: the cluster is not provably gone");
+            return false;
+        }
+        match self.unstaging.lock().unwrap().get_mut(volume_id) {
+            Some(u) if !u.forced => u.forced = true,
+            _ => return false,
+        }
+        tracing::error!(
+            volume.id = %volume_id,
+            device = %mapping.device.display(),
+            staging = %staging.display(),
+            mapper = %mapping.mapper,
+            retries,
+            ?waited,
+            fenced,
+            "DATA LOSS: forcing unstage: the unmount waited through {retries} retries and {}; writes to the volume that had not reached the cluster (dirty pages of its filesystem, the mapper's cache) are dropped",
+            if fenced { "this node's client is fenced from the image (it moved to another node)" } else { "no monitor answers" }
+        );
+        if let Err(e) = self.mappers.force(&mapping).await {
+            tracing::error!(volume.id = %volume_id, error = %e, "forcing the mapping failed");
+        }
+        true
+    }
+
+    /// umount2 off-thread, awaited to its end: a lazy detach would leave dirty pages behind
+    /// a filesystem no one can flush, and the unmap after it would drop them.
+    async fn unmount_to_end(&self, target: &Path) -> Result<(), NodeError> {
         let t = target.to_path_buf();
-        match blocking("unmount", self.config.unmount_timeout, move || {
+        blocking_to_end("unmount", self.config.unmount_timeout, move || {
             mount::unmount(&t, false)
         })
         .await
-        {
-            Err(NodeError::Timeout { .. }) => {
-                tracing::warn!(target = %target.display(), "unmount hangs; detaching lazily");
-                let t = target.to_path_buf();
-                blocking("lazy unmount", self.config.unmount_timeout, move || {
-                    mount::unmount(&t, true)
-                })
-                .await
-            }
-            other => other,
-        }
     }
 
     async fn unmap_logged(&self, mapping: &Mapping) {

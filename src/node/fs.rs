@@ -1,9 +1,7 @@
 //! Filesystems on mapped devices: probe, create, check, grow, and usage statistics.
 
-use std::ffi::CString;
 use std::fmt;
 use std::io::{Seek, SeekFrom};
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
@@ -31,6 +29,7 @@ impl FsType {
 
     /// `mkfs` with the given options, or sensible defaults when `options` is `None`.
     /// ext4 defaults skip the slow inode-table/journal zeroing and discard: the image is thin.
+    /// Never killed half-way: a half-written filesystem can pass for a real one later.
     pub fn mkfs_command(self, device: &Path, options: Option<&str>) -> CommandSpec {
         let dev = device.to_string_lossy().into_owned();
         let user: Vec<String> = options
@@ -46,12 +45,13 @@ impl FsType {
                         "lazy_itable_init=1,lazy_journal_init=1,nodiscard",
                     ]);
                 }
-                c.args(user).arg(dev)
+                c.args(user).arg(dev).to_end()
             }
             FsType::Xfs => CommandSpec::new("mkfs.xfs")
                 .args(["-f", "-K"])
                 .args(user)
-                .arg(dev),
+                .arg(dev)
+                .to_end(),
         }
     }
 
@@ -62,6 +62,7 @@ impl FsType {
             FsType::Ext4 => CommandSpec::new("resize2fs").arg(device.to_string_lossy()),
             FsType::Xfs => CommandSpec::new("xfs_growfs").arg(mount_point.to_string_lossy()),
         }
+        .to_end()
     }
 
     /// Options added to every mount of this filesystem.
@@ -159,7 +160,8 @@ pub async fn check(fs: FsType, device: &Path, timeout: Duration) -> Result<(), N
     }
     let spec = CommandSpec::new("e2fsck")
         .arg("-p")
-        .arg(device.to_string_lossy());
+        .arg(device.to_string_lossy())
+        .to_end();
     let out = command::run(&spec, timeout).await?;
     match out.code() {
         Some(0) => Ok(()),
@@ -194,25 +196,18 @@ pub struct FsStats {
 
 /// statvfs(2). Blocking: call it off the async threads, it can hang on a dead fuse mount.
 pub fn stats(path: &Path) -> Result<FsStats, NodeError> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| NodeError::InvalidArgument(format!("path {path:?} contains NUL")))?;
-    // SAFETY: statvfs fills the zeroed struct; c is a valid NUL-terminated string.
-    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
-        return Err(NodeError::io(
-            "statvfs",
-            path,
-            std::io::Error::last_os_error(),
-        ));
-    }
-    let frsize = s.f_frsize as u64;
+    let s =
+        nix::sys::statvfs::statvfs(path).map_err(|e| NodeError::io("statvfs", path, e.into()))?;
+    let frsize = s.fragment_size() as u64;
+    let (blocks, bfree) = (s.blocks() as u64, s.blocks_free() as u64);
+    let (files, ffree) = (s.files() as u64, s.files_free() as u64);
     Ok(FsStats {
-        bytes_total: s.f_blocks as u64 * frsize,
-        bytes_used: (s.f_blocks as u64).saturating_sub(s.f_bfree as u64) * frsize,
-        bytes_available: s.f_bavail as u64 * frsize,
-        inodes_total: s.f_files as u64,
-        inodes_used: (s.f_files as u64).saturating_sub(s.f_ffree as u64),
-        inodes_free: s.f_ffree as u64,
+        bytes_total: blocks * frsize,
+        bytes_used: blocks.saturating_sub(bfree) * frsize,
+        bytes_available: s.blocks_available() as u64 * frsize,
+        inodes_total: files,
+        inodes_used: files.saturating_sub(ffree),
+        inodes_free: ffree,
     })
 }
 
@@ -249,6 +244,7 @@ mod tests {
         let x = FsType::Xfs.mkfs_command(d, None);
         assert_eq!(x.program, "mkfs.xfs");
         assert_eq!(x.args, ["-f", "-K", "/dev/loop3"]);
+        assert!(x.must_finish && FsType::Ext4.mkfs_command(d, None).must_finish);
     }
 
     #[test]
@@ -258,6 +254,7 @@ mod tests {
             (e.program.as_str(), e.args[0].as_str()),
             ("resize2fs", "/dev/loop1")
         );
+        assert!(e.must_finish);
         let x = FsType::Xfs.expand_command(Path::new("/dev/loop1"), Path::new("/m"));
         assert_eq!(
             (x.program.as_str(), x.args[0].as_str()),

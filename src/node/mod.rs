@@ -9,7 +9,9 @@ pub mod fs;
 pub mod mapper;
 pub mod mount;
 pub mod paths;
+pub mod reach;
 pub mod state;
+pub mod step;
 
 use std::io;
 use std::path::PathBuf;
@@ -66,6 +68,9 @@ pub enum NodeError {
     },
     #[error("{operation} did not finish within {after:?}")]
     Timeout { operation: String, after: Duration },
+    /// A step that must not be abandoned outlived its deadline; the operation goes on.
+    #[error("{operation} is still running after {after:?}; the operation goes on, retry later")]
+    StillRunning { operation: String, after: Duration },
     #[error("{context} {path:?}: {source}")]
     Io {
         context: &'static str,
@@ -92,7 +97,9 @@ impl NodeError {
             NodeError::AlreadyExists(_) => K::AlreadyExists,
             NodeError::FailedPrecondition(_) => K::FailedPrecondition,
             NodeError::Unavailable(_) => K::Unavailable,
-            NodeError::CommandTimeout { .. } | NodeError::Timeout { .. } => K::DeadlineExceeded,
+            NodeError::CommandTimeout { .. }
+            | NodeError::Timeout { .. }
+            | NodeError::StillRunning { .. } => K::DeadlineExceeded,
             NodeError::CommandSpawn { .. }
             | NodeError::CommandFailed { .. }
             | NodeError::Io { .. }
@@ -110,8 +117,9 @@ impl NodeError {
     }
 }
 
-/// Runs blocking work (mount syscalls, statvfs on a possibly stale mount) off the async threads,
-/// bounded in time. A timed-out thread is left to finish on its own.
+/// Runs blocking work that is safe to abandon (statvfs or stat on a possibly stale mount: they
+/// change nothing) off the async threads, bounded in time. A timed-out thread is left to finish
+/// on its own. Work that changes something goes through [`step::blocking_to_end`].
 pub(crate) async fn blocking<T, F>(operation: &str, after: Duration, f: F) -> Result<T, NodeError>
 where
     F: FnOnce() -> Result<T, NodeError> + Send + 'static,

@@ -1,10 +1,15 @@
 //! The mount table (from `/proc/self/mountinfo`) and the mount syscalls the node needs:
 //! filesystem mounts, bind mounts, read-only bind remounts and unmounts.
+//!
+//! The syscalls go through `nix`. The mountinfo parser stays our own: the crates that read
+//! mountinfo (procfs, libmount bindings) either drop the per-superblock options and the bind
+//! root we match on, or pull in far more than one small parser.
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+
+use nix::errno::Errno;
+use nix::mount::{MntFlags, MsFlags};
 
 use super::NodeError;
 
@@ -160,17 +165,27 @@ pub fn unescape(field: &str) -> String {
 }
 
 /// Mount flags and filesystem data split out of CSI `mount_flags` / StorageClass `mountOptions`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MountOptions {
-    pub flags: libc::c_ulong,
+    pub flags: MsFlags,
     /// Options the filesystem interprets, comma-joined (e.g. `discard,errors=remount-ro`).
     pub data: String,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            flags: MsFlags::empty(),
+            data: String::new(),
+        }
+    }
 }
 
 impl MountOptions {
     /// Splits generic VFS flags from filesystem options; entries may themselves be comma lists.
     pub fn parse<S: AsRef<str>>(options: &[S]) -> Self {
-        let mut flags: libc::c_ulong = 0;
+        let none = MsFlags::empty();
+        let mut flags = none;
         let mut data = Vec::new();
         for opt in options
             .iter()
@@ -178,35 +193,35 @@ impl MountOptions {
             .map(str::trim)
             .filter(|o| !o.is_empty())
         {
-            let (set, clear): (libc::c_ulong, libc::c_ulong) = match opt {
-                "defaults" => (0, 0),
-                "ro" => (libc::MS_RDONLY, 0),
-                "rw" => (0, libc::MS_RDONLY),
-                "nosuid" => (libc::MS_NOSUID, 0),
-                "suid" => (0, libc::MS_NOSUID),
-                "nodev" => (libc::MS_NODEV, 0),
-                "dev" => (0, libc::MS_NODEV),
-                "noexec" => (libc::MS_NOEXEC, 0),
-                "exec" => (0, libc::MS_NOEXEC),
-                "sync" => (libc::MS_SYNCHRONOUS, 0),
-                "async" => (0, libc::MS_SYNCHRONOUS),
-                "dirsync" => (libc::MS_DIRSYNC, 0),
-                "mand" => (libc::MS_MANDLOCK, 0),
-                "nomand" => (0, libc::MS_MANDLOCK),
-                "noatime" => (libc::MS_NOATIME, 0),
-                "atime" => (0, libc::MS_NOATIME),
-                "nodiratime" => (libc::MS_NODIRATIME, 0),
-                "diratime" => (0, libc::MS_NODIRATIME),
-                "relatime" => (libc::MS_RELATIME, 0),
-                "norelatime" => (0, libc::MS_RELATIME),
-                "strictatime" => (libc::MS_STRICTATIME, 0),
-                "lazytime" => (libc::MS_LAZYTIME, 0),
-                "nolazytime" => (0, libc::MS_LAZYTIME),
-                "silent" => (libc::MS_SILENT, 0),
-                "loud" => (0, libc::MS_SILENT),
+            let (set, clear) = match opt {
+                "defaults" => (none, none),
+                "ro" => (MsFlags::MS_RDONLY, none),
+                "rw" => (none, MsFlags::MS_RDONLY),
+                "nosuid" => (MsFlags::MS_NOSUID, none),
+                "suid" => (none, MsFlags::MS_NOSUID),
+                "nodev" => (MsFlags::MS_NODEV, none),
+                "dev" => (none, MsFlags::MS_NODEV),
+                "noexec" => (MsFlags::MS_NOEXEC, none),
+                "exec" => (none, MsFlags::MS_NOEXEC),
+                "sync" => (MsFlags::MS_SYNCHRONOUS, none),
+                "async" => (none, MsFlags::MS_SYNCHRONOUS),
+                "dirsync" => (MsFlags::MS_DIRSYNC, none),
+                "mand" => (MsFlags::MS_MANDLOCK, none),
+                "nomand" => (none, MsFlags::MS_MANDLOCK),
+                "noatime" => (MsFlags::MS_NOATIME, none),
+                "atime" => (none, MsFlags::MS_NOATIME),
+                "nodiratime" => (MsFlags::MS_NODIRATIME, none),
+                "diratime" => (none, MsFlags::MS_NODIRATIME),
+                "relatime" => (MsFlags::MS_RELATIME, none),
+                "norelatime" => (none, MsFlags::MS_RELATIME),
+                "strictatime" => (MsFlags::MS_STRICTATIME, none),
+                "lazytime" => (MsFlags::MS_LAZYTIME, none),
+                "nolazytime" => (none, MsFlags::MS_LAZYTIME),
+                "silent" => (MsFlags::MS_SILENT, none),
+                "loud" => (none, MsFlags::MS_SILENT),
                 other => {
                     data.push(other.to_string());
-                    (0, 0)
+                    (none, none)
                 }
             };
             flags = (flags | set) & !clear;
@@ -218,53 +233,20 @@ impl MountOptions {
     }
 
     pub fn read_only(&self) -> bool {
-        self.flags & libc::MS_RDONLY != 0
+        self.flags.contains(MsFlags::MS_RDONLY)
     }
-}
-
-fn cpath(p: &Path) -> Result<CString, NodeError> {
-    CString::new(p.as_os_str().as_bytes())
-        .map_err(|_| NodeError::InvalidArgument(format!("path {p:?} contains NUL")))
-}
-
-fn cstr(s: &str) -> Result<CString, NodeError> {
-    CString::new(s).map_err(|_| NodeError::InvalidArgument(format!("{s:?} contains NUL")))
 }
 
 fn sys_mount(
-    source: &str,
+    source: &Path,
     target: &Path,
     fs_type: Option<&str>,
-    flags: libc::c_ulong,
+    flags: MsFlags,
     data: &str,
 ) -> Result<(), NodeError> {
-    let src = cstr(source)?;
-    let tgt = cpath(target)?;
-    let fst = fs_type.map(cstr).transpose()?;
-    let dat = cstr(data)?;
-    // SAFETY: all pointers are valid NUL-terminated strings (or NULL) for the duration of the call.
-    let rc = unsafe {
-        libc::mount(
-            src.as_ptr(),
-            tgt.as_ptr(),
-            fst.as_ref().map_or(std::ptr::null(), |s| s.as_ptr()),
-            flags,
-            if data.is_empty() {
-                std::ptr::null()
-            } else {
-                dat.as_ptr() as *const libc::c_void
-            },
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(NodeError::io(
-            "mount onto",
-            target,
-            std::io::Error::last_os_error(),
-        ))
-    }
+    let data = (!data.is_empty()).then_some(data);
+    nix::mount::mount(Some(source), target, fs_type, flags, data)
+        .map_err(|e| NodeError::io("mount onto", target, e.into()))
 }
 
 /// Mounts the filesystem of type `fs_type` on `device` at `target`.
@@ -274,28 +256,22 @@ pub fn mount_fs(
     fs_type: &str,
     options: &MountOptions,
 ) -> Result<(), NodeError> {
-    let dev = device.to_str().ok_or_else(|| {
-        NodeError::InvalidArgument(format!("device path {device:?} is not UTF-8"))
-    })?;
-    sys_mount(dev, target, Some(fs_type), options.flags, &options.data)
+    sys_mount(device, target, Some(fs_type), options.flags, &options.data)
 }
 
 /// Bind-mounts `source` (a directory or a device node) onto `target`.
 pub fn bind(source: &Path, target: &Path) -> Result<(), NodeError> {
-    let src = source.to_str().ok_or_else(|| {
-        NodeError::InvalidArgument(format!("source path {source:?} is not UTF-8"))
-    })?;
-    sys_mount(src, target, None, libc::MS_BIND, "")
+    sys_mount(source, target, None, MsFlags::MS_BIND, "")
 }
 
 /// Applies per-mount flags to an existing bind mount (a bind mount ignores flags at creation).
 /// With `MS_RDONLY` in `flags` this makes the bind read-only without touching the source.
-pub fn remount_bind(target: &Path, flags: libc::c_ulong) -> Result<(), NodeError> {
+pub fn remount_bind(target: &Path, flags: MsFlags) -> Result<(), NodeError> {
     sys_mount(
-        "none",
+        Path::new("none"),
         target,
         None,
-        libc::MS_REMOUNT | libc::MS_BIND | flags,
+        MsFlags::MS_REMOUNT | MsFlags::MS_BIND | flags,
         "",
     )
 }
@@ -303,17 +279,14 @@ pub fn remount_bind(target: &Path, flags: libc::c_ulong) -> Result<(), NodeError
 /// Unmounts `target`; nothing mounted there (EINVAL) or no such path (ENOENT) is success.
 /// `detach` uses `MNT_DETACH` (lazy unmount).
 pub fn unmount(target: &Path, detach: bool) -> Result<(), NodeError> {
-    let tgt = cpath(target)?;
-    let flags = if detach { libc::MNT_DETACH } else { 0 };
-    // SAFETY: tgt is a valid NUL-terminated string.
-    let rc = unsafe { libc::umount2(tgt.as_ptr(), flags) };
-    if rc == 0 {
-        return Ok(());
-    }
-    let err = std::io::Error::last_os_error();
-    match err.raw_os_error() {
-        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
-        _ => Err(NodeError::io("unmounting", target, err)),
+    let flags = if detach {
+        MntFlags::MNT_DETACH
+    } else {
+        MntFlags::empty()
+    };
+    match nix::mount::umount2(target, flags) {
+        Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(NodeError::io("unmounting", target, e.into())),
     }
 }
 
@@ -366,13 +339,16 @@ mod tests {
     #[test]
     fn splits_vfs_flags_from_filesystem_options() {
         let o = MountOptions::parse(&["noatime,nodev", "discard", "ro", "errors=remount-ro"]);
-        assert_eq!(o.flags, libc::MS_NOATIME | libc::MS_NODEV | libc::MS_RDONLY);
+        assert_eq!(
+            o.flags,
+            MsFlags::MS_NOATIME | MsFlags::MS_NODEV | MsFlags::MS_RDONLY
+        );
         assert_eq!(o.data, "discard,errors=remount-ro");
         assert!(o.read_only());
         let o = MountOptions::parse(&["ro", "rw", "sync", "nosuid", "noexec", "defaults"]);
         assert_eq!(
             o.flags,
-            libc::MS_SYNCHRONOUS | libc::MS_NOSUID | libc::MS_NOEXEC
+            MsFlags::MS_SYNCHRONOUS | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC
         );
         assert!(o.data.is_empty());
     }

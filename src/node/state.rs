@@ -168,6 +168,7 @@ mod tests {
                 device: "/dev/loop4".into(),
                 fuse_mountpoint: Some("/var/lib/rook-rbd/fuse/ab".into()),
                 pid: Some(42),
+                unmap_options: None,
             },
             access: AccessType::Mount,
             fs_type: Some(FsType::Ext4),

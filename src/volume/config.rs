@@ -1,6 +1,7 @@
 //! The cluster configuration file, in ceph-csi's format:
-//! `[{"clusterID": "...", "monitors": ["host:port", ...]}]`.
+//! `[{"clusterID": "...", "monitors": ["host:port", ...], "rbd": {"radosNamespace": "..."}}]`.
 
+use super::params::check_name;
 use serde::Deserialize;
 use std::collections::HashMap;
 use std::path::Path;
@@ -14,11 +15,27 @@ pub struct ClusterEntry {
     /// Not in ceph-csi's format; defaults to the pool `rbd`.
     #[serde(rename = "registryPool", default)]
     pub registry_pool: Option<String>,
+    #[serde(default)]
+    pub rbd: RbdSettings,
+}
+
+/// ceph-csi's `"rbd"` section of a cluster entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+pub struct RbdSettings {
+    /// The RADOS namespace of every image (and the node registry) this entry creates. Images
+    /// made before it was set or changed keep theirs: it is part of their volume IDs.
+    #[serde(rename = "radosNamespace", default)]
+    pub rados_namespace: Option<String>,
 }
 
 impl ClusterEntry {
     pub fn registry_pool(&self) -> &str {
         self.registry_pool.as_deref().unwrap_or("rbd")
+    }
+
+    /// The namespace for new images and the node registry; empty for the pool's default.
+    pub fn rados_namespace(&self) -> &str {
+        self.rbd.rados_namespace.as_deref().unwrap_or("")
     }
 }
 
@@ -44,6 +61,10 @@ impl ClusterConfig {
                 "cluster {} has no monitors",
                 e.cluster_id
             );
+            if !e.rados_namespace().is_empty() {
+                check_name("rbd.radosNamespace", e.rados_namespace())
+                    .map_err(|err| anyhow::anyhow!("cluster {}: {err}", e.cluster_id))?;
+            }
             anyhow::ensure!(
                 clusters.insert(e.cluster_id.clone(), e.clone()).is_none(),
                 "clusterID {} appears twice",
@@ -55,6 +76,14 @@ impl ClusterConfig {
 
     pub fn get(&self, id: &str) -> Option<&ClusterEntry> {
         self.clusters.get(id)
+    }
+
+    /// The one cluster, when the config lists exactly one.
+    pub fn only(&self) -> Option<&ClusterEntry> {
+        match self.clusters.len() {
+            1 => self.clusters.values().next(),
+            _ => None,
+        }
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &ClusterEntry> {
@@ -84,10 +113,35 @@ mod tests {
         .unwrap();
         assert_eq!(c.get("abc").unwrap().monitors.len(), 2);
         assert_eq!(c.get("abc").unwrap().registry_pool(), "rbd");
+        assert_eq!(c.only().unwrap().cluster_id, "abc");
+        assert_eq!(c.get("abc").unwrap().rados_namespace(), "");
         assert!(ClusterConfig::parse(r#"[{"clusterID":"a","monitors":[]}]"#).is_err());
+        let two = ClusterConfig::parse(
+            r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"b","monitors":["m"]}]"#,
+        )
+        .unwrap();
+        assert!(two.only().is_none());
         assert!(ClusterConfig::parse(
             r#"[{"clusterID":"a","monitors":["m"]},{"clusterID":"a","monitors":["m"]}]"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn reads_the_rados_namespace_of_ceph_csi_rbd_settings() {
+        let c = ClusterConfig::parse(
+            r#"[{"clusterID":"a","monitors":["m"],"rbd":{"radosNamespace":"tenant-1","mirrorDaemonCount":1}},
+                {"clusterID":"b","monitors":["m"],"rbd":{"radosNamespace":""}}]"#,
+        )
+        .unwrap();
+        assert_eq!(c.get("a").unwrap().rados_namespace(), "tenant-1");
+        assert_eq!(c.get("b").unwrap().rados_namespace(), "");
+        for bad in ["a/b", "-x", ".hidden", "with space"] {
+            let text = format!(
+                r#"[{{"clusterID":"a","monitors":["m"],"rbd":{{"radosNamespace":"{bad}"}}}}]"#
+            );
+            let e = ClusterConfig::parse(&text).unwrap_err().to_string();
+            assert!(e.contains("radosNamespace"), "{bad}: {e}");
+        }
     }
 }

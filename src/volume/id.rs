@@ -1,19 +1,25 @@
 //! Self-describing, versioned volume and snapshot IDs.
 //!
 //! `0001-<len>-<clusterID>-<len>-<pool>-<image>`: the version, then length-prefixed cluster ID and
-//! pool (so either may contain '-'), then the image name. A snapshot is an image of its own
-//! (`csi-snap-...`), so snapshot IDs have the same shape.
+//! pool (so either may contain '-'), then the image name. An image in a RADOS namespace has
+//! `0002-<len>-<clusterID>-<len>-<pool>-<len>-<namespace>-<image>`. The namespace is in the ID,
+//! not looked up in the cluster config, so a volume stays reachable (and deletable) after the
+//! config's `radosNamespace` is added or changed; the config only says where new images go.
+//! A snapshot is an image of its own (`csi-snap-...`), so snapshot IDs have the same shape.
 //! An ID never exceeds 128 bytes, the limit CSI sidecars and Kubernetes object fields live with.
 
 use std::fmt;
 
 pub const MAX_ID_LEN: usize = 128;
 const VERSION: &str = "0001";
+const VERSION_NAMESPACED: &str = "0002";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct VolumeId {
     pub cluster_id: String,
     pub pool: String,
+    /// RADOS namespace in the pool; empty for the default one.
+    pub namespace: String,
     pub image: String,
 }
 
@@ -31,23 +37,51 @@ pub struct IdError {
 }
 
 impl VolumeId {
+    /// An image in the pool's default namespace.
     pub fn new(cluster_id: &str, pool: &str, image: &str) -> Self {
+        Self::in_namespace(cluster_id, pool, "", image)
+    }
+
+    pub fn in_namespace(cluster_id: &str, pool: &str, namespace: &str, image: &str) -> Self {
         Self {
             cluster_id: cluster_id.into(),
             pool: pool.into(),
+            namespace: namespace.into(),
             image: image.into(),
         }
     }
 
+    /// Another image in the same cluster, pool and namespace.
+    pub fn sibling(&self, image: &str) -> Self {
+        Self {
+            image: image.into(),
+            ..self.clone()
+        }
+    }
+
+    /// The namespace, when there is one.
+    pub fn namespace(&self) -> Option<&str> {
+        Some(self.namespace.as_str()).filter(|n| !n.is_empty())
+    }
+
     pub fn encode(&self) -> String {
-        format!(
-            "{VERSION}-{:04x}-{}-{:04x}-{}-{}",
-            self.cluster_id.len(),
-            self.cluster_id,
-            self.pool.len(),
-            self.pool,
-            self.image
-        )
+        let field = |v: &str| format!("{:04x}-{v}-", v.len());
+        match self.namespace() {
+            // Unchanged from before namespaces existed, so those IDs stay what they were.
+            None => format!(
+                "{VERSION}-{}{}{}",
+                field(&self.cluster_id),
+                field(&self.pool),
+                self.image
+            ),
+            Some(ns) => format!(
+                "{VERSION_NAMESPACED}-{}{}{}{}",
+                field(&self.cluster_id),
+                field(&self.pool),
+                field(ns),
+                self.image
+            ),
+        }
     }
 
     pub fn decode(id: &str) -> Result<Self, IdError> {
@@ -59,18 +93,29 @@ impl VolumeId {
         if id.len() > MAX_ID_LEN {
             return Err(err("longer than 128 bytes"));
         }
-        let rest = id
-            .strip_prefix("0001-")
-            .ok_or_else(|| err("unknown version"))?;
+        let (rest, namespaced) = match id.split_once('-') {
+            Some((VERSION, rest)) => (rest, false),
+            Some((VERSION_NAMESPACED, rest)) => (rest, true),
+            _ => return Err(err("unknown version")),
+        };
         let (cluster_id, rest) = take_prefixed(rest).ok_or_else(|| err("bad cluster field"))?;
-        let (pool, image) = take_prefixed(rest).ok_or_else(|| err("bad pool field"))?;
+        let (pool, rest) = take_prefixed(rest).ok_or_else(|| err("bad pool field"))?;
+        let (namespace, image) = if namespaced {
+            let (ns, image) = take_prefixed(rest).ok_or_else(|| err("bad namespace field"))?;
+            if ns.is_empty() || ns.contains('/') {
+                return Err(err("bad namespace field"));
+            }
+            (ns, image)
+        } else {
+            ("", rest)
+        };
         if image.is_empty() || image.contains('/') || image.contains('@') {
             return Err(err("bad image field"));
         }
         if cluster_id.is_empty() || pool.is_empty() {
             return Err(err("empty cluster or pool"));
         }
-        Ok(Self::new(cluster_id, pool, image))
+        Ok(Self::in_namespace(cluster_id, pool, namespace, image))
     }
 }
 
@@ -122,6 +167,28 @@ mod tests {
         let v = VolumeId::new("a-b-c", "my-pool", "csi-vol-pvc-1");
         assert_eq!(VolumeId::decode(&v.encode()).unwrap(), v);
         assert_eq!(v.encode(), "0001-0005-a-b-c-0007-my-pool-csi-vol-pvc-1");
+    }
+
+    #[test]
+    fn a_namespace_gets_its_own_field_and_ids_without_one_are_unchanged() {
+        let v = VolumeId::in_namespace("a-b", "rbd", "ns-1", "csi-vol-x");
+        assert_eq!(v.encode(), "0002-0003-a-b-0003-rbd-0004-ns-1-csi-vol-x");
+        assert_eq!(VolumeId::decode(&v.encode()).unwrap(), v);
+        assert_eq!(v.namespace(), Some("ns-1"));
+        let plain = VolumeId::in_namespace("a-b", "rbd", "", "csi-vol-x");
+        assert_eq!(plain, VolumeId::new("a-b", "rbd", "csi-vol-x"));
+        assert_eq!(plain.encode(), "0001-0003-a-b-0003-rbd-csi-vol-x");
+        assert_eq!(plain.namespace(), None);
+        // Same cluster, pool and image name in two namespaces: two different volumes.
+        assert_ne!(v.encode(), plain.encode());
+        assert_eq!(v.sibling("csi-snap-y").namespace, "ns-1");
+        for bad in [
+            "0002-0003-a-b-0003-rbd-csi-vol-x",
+            "0002-0003-a-b-0003-rbd-0000--csi-vol-x",
+            "0002-0003-a-b-0003-rbd-0003-a/b-img",
+        ] {
+            assert!(VolumeId::decode(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -54,9 +54,9 @@ impl Cluster {
         ])
     }
 
-    /// Runs `rbd` against the cluster and returns stdout.
-    pub fn rbd(&self, args: &[&str]) -> String {
-        let out = Command::new("rbd")
+    /// Runs a Ceph CLI tool against the cluster; it must succeed. Returns stdout.
+    fn tool(&self, tool: &str, args: &[&str]) -> String {
+        let out = Command::new(tool)
             .arg("-c")
             .arg(self.dir.join("ceph.conf"))
             .args(args)
@@ -64,25 +64,42 @@ impl Cluster {
             .unwrap();
         assert!(
             out.status.success(),
-            "rbd {args:?}: {}",
+            "{tool} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `rbd` against the cluster and returns stdout.
+    pub fn rbd(&self, args: &[&str]) -> String {
+        self.tool("rbd", args)
+    }
+
     pub fn rados(&self, args: &[&str]) -> String {
-        let out = Command::new("rados")
-            .arg("-c")
-            .arg(self.dir.join("ceph.conf"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "rados {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.tool("rados", args)
+    }
+
+    /// Runs the `ceph` CLI as client.admin, bounded, and returns stdout.
+    pub fn ceph(&self, args: &[&str]) -> String {
+        let mut all = vec!["--connect-timeout", "30"];
+        all.extend_from_slice(args);
+        self.tool("ceph", &all)
+    }
+
+    /// Writes `mib` MiB of real data from the start of an image (so a flatten has work to do).
+    pub fn write_data(&self, image: &str, mib: u64) {
+        self.rbd(&[
+            "bench",
+            "--io-type",
+            "write",
+            "--io-size",
+            "4M",
+            "--io-pattern",
+            "seq",
+            "--io-total",
+            &format!("{mib}M"),
+            &format!("rbd/{image}"),
+        ]);
     }
 
     pub fn images(&self) -> Vec<String> {
@@ -124,10 +141,27 @@ pub struct Driver {
     pub root: tempfile::TempDir,
     pub endpoint: String,
     pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Driver {
     pub fn start(c: &Cluster, extra: &[&str]) -> Driver {
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, &[])
+    }
+
+    /// Like [`Driver::start`], with extra environment for the driver process (e.g. a PATH
+    /// that puts a test's wrapper of a tool first).
+    pub fn start_with_env(c: &Cluster, extra: &[&str], env: &[(&str, &str)]) -> Driver {
+        Self::start_full(c, &c.dir.join("cluster-config.json"), extra, env)
+    }
+
+    /// Like [`Driver::start`], with another cluster config (entries of the dev cluster with
+    /// other settings).
+    pub fn start_with_config(c: &Cluster, config: &Path, extra: &[&str]) -> Driver {
+        Self::start_full(c, config, extra, &[])
+    }
+
+    fn start_full(c: &Cluster, config: &Path, extra: &[&str], env: &[(&str, &str)]) -> Driver {
         let root = tempfile::Builder::new()
             .prefix("rook-rbd-test")
             .tempdir_in("/tmp")
@@ -142,7 +176,7 @@ impl Driver {
             "--endpoint".into(),
             endpoint.clone(),
             "--cluster-config".into(),
-            c.dir.join("cluster-config.json").display().to_string(),
+            config.display().to_string(),
             "--secret-dir".into(),
             secret.display().to_string(),
             "--kubelet-dir".into(),
@@ -153,12 +187,17 @@ impl Driver {
             "1".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let child = spawn(&args, root.path());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let child = spawn(&args, &env, root.path());
         Driver {
             child,
             root,
             endpoint,
             args,
+            env,
         }
     }
 
@@ -176,7 +215,7 @@ impl Driver {
     /// Starts the same driver again after a kill (same socket, state and arguments).
     pub fn restart(&mut self) {
         self.kill9();
-        self.child = spawn(&self.args, self.root.path());
+        self.child = spawn(&self.args, &self.env, self.root.path());
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -184,7 +223,7 @@ impl Driver {
     }
 }
 
-fn spawn(args: &[String], root: &Path) -> Child {
+fn spawn(args: &[String], env: &[(String, String)], root: &Path) -> Child {
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -192,6 +231,7 @@ fn spawn(args: &[String], root: &Path) -> Child {
         .unwrap();
     Command::new(env!("CARGO_BIN_EXE_rook-rbd"))
         .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -248,4 +288,139 @@ pub fn unique(prefix: &str) -> String {
 
 pub fn image_of(volume_id: &str) -> String {
     rook_rbd::volume::VolumeId::decode(volume_id).unwrap().image
+}
+
+/// CreateVolume that must succeed.
+pub async fn create_volume(cl: &mut CsiClient, req: proto::CreateVolumeRequest) -> proto::Volume {
+    cl.controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+}
+
+/// DeleteVolume that must succeed.
+pub async fn delete_volume(c: &Cluster, cl: &mut CsiClient, volume_id: &str) {
+    cl.controller
+        .delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume_id.into(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+}
+
+/// DeleteSnapshot that must succeed.
+pub async fn delete_snapshot(c: &Cluster, cl: &mut CsiClient, snapshot_id: &str) {
+    cl.controller
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snapshot_id.into(),
+            secrets: c.secrets(),
+        })
+        .await
+        .unwrap();
+}
+
+/// A content source naming a volume: the request makes a clone.
+pub fn volume_source(volume_id: &str) -> Option<proto::VolumeContentSource> {
+    use proto::volume_content_source as vcs;
+    Some(proto::VolumeContentSource {
+        r#type: Some(vcs::Type::Volume(vcs::VolumeSource {
+            volume_id: volume_id.into(),
+        })),
+    })
+}
+
+/// A dev cluster of the test's own, for tests that kill or stop daemons (which would break the
+/// shared cluster for every other test). Stopped and removed on drop, even when the test panics.
+pub struct PrivateCluster {
+    pub cluster: Cluster,
+    dir: tempfile::TempDir,
+}
+
+const CEPH_DEV: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/ceph-dev.sh");
+
+impl PrivateCluster {
+    /// Starts a new cluster whose monitor listens on `mon_port` (fixed, so that tests running
+    /// at the same time never race for the same free port).
+    pub fn up(prefix: &str, mon_port: u16) -> PrivateCluster {
+        let dir = tempfile::Builder::new()
+            .prefix(prefix)
+            .tempdir_in("/tmp")
+            .unwrap();
+        let mut me = PrivateCluster {
+            cluster: Cluster {
+                dir: dir.path().to_path_buf(),
+                fsid: String::new(),
+                key: String::new(),
+            },
+            dir,
+        };
+        let port = mon_port.to_string();
+        me.dev_env(&["up"], &[("CEPH_DEV_MON_PORT", &port)]);
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(me.path().join("cluster-config.json")).unwrap(),
+        )
+        .unwrap();
+        me.cluster.fsid = cfg[0]["clusterID"].as_str().unwrap().to_string();
+        me.cluster.key = read_key(&me.path().join("admin.key"));
+        me
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Runs `ceph-dev.sh ARGS... DIR` and asserts that it succeeded.
+    pub fn dev(&self, args: &[&str]) {
+        self.dev_env(args, &[]);
+    }
+
+    fn dev_env(&self, args: &[&str], env: &[(&str, &str)]) {
+        let out = Command::new("bash")
+            .arg(CEPH_DEV)
+            .args(args)
+            .arg(self.path())
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ceph-dev.sh {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// CSI secrets of the restricted client.csi user (`profile rbd`).
+    pub fn csi_secrets(&self) -> HashMap<String, String> {
+        HashMap::from([
+            ("userID".into(), "csi".into()),
+            ("userKey".into(), read_key(&self.path().join("csi.key"))),
+        ])
+    }
+}
+
+fn read_key(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap().trim().to_string()
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(CEPH_DEV)
+            .arg("down")
+            .arg(self.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl std::ops::Deref for PrivateCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.cluster
+    }
 }

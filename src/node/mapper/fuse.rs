@@ -4,22 +4,28 @@
 //! `<state_dir>/fuse/<hash>/<image>`; `losetup` turns that file into `/dev/loopN`. The mount point
 //! lives in a 0700 directory because rbd-fuse gives the image file mode 0666.
 //!
-//! rbd-fuse parses only `-c`, `-p` and `-r`; the cluster identity reaches librados through
-//! `CEPH_ARGS` (`--id`, `-m`, `--keyfile`), which it reads with `rados_conf_parse_env`.
+//! rbd-fuse parses only `-c`, `-p`, `-s` (namespace) and `-r`; the cluster identity reaches
+//! librados through `CEPH_ARGS` (`--id`, `-m`, `--keyfile`), which it reads with
+//! `rados_conf_parse_env`.
 //! It daemonizes itself (setsid) once mounted and connects afterwards, in FUSE's init; until
 //! that returns every access to the mount point blocks, so all waits here are bounded.
-//! The daemon is deliberately not tied to the plugin: published mounts outlive a plugin restart.
+//! The daemon is deliberately not tied to the plugin (own session, the mappers' cgroup): published
+//! mounts outlive a restart of the plugin and of its container.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use super::{ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping};
+use nix::sys::signal::Signal;
+
+use super::{kill_all, ImageRef, KeyFile, MapRequest, Mapper, MapperConfig, MapperKind, Mapping};
 use crate::node::command::{self, CommandSpec};
 use crate::node::mount::MountTable;
 use crate::node::state::ensure_private_dir;
-use crate::node::{blocking, NodeError};
+use crate::node::{blocking, step, NodeError};
 
 /// The fuse type rbd-fuse mounts show in mountinfo.
 pub const FUSE_FS_TYPE: &str = "fuse.rbd-fuse";
@@ -27,8 +33,9 @@ pub const FUSE_FS_TYPE: &str = "fuse.rbd-fuse";
 #[derive(Debug)]
 pub struct FuseMapper {
     config: MapperConfig,
-    /// Serialises map and unmap: they inspect and change shared state (mounts, loop devices).
-    lock: tokio::sync::Mutex<()>,
+    /// Serialises map, unmap and find of one image (they inspect and change its mount and loop
+    /// devices). Per image: an unmap waiting on a cluster that is gone holds up no other volume.
+    locks: std::sync::Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 /// The rbd-fuse command line; the key only travels as a key file path inside `CEPH_ARGS`.
@@ -45,12 +52,16 @@ pub fn fuse_command(
             "monitors and the state directory must not contain whitespace".into(),
         ));
     }
-    Ok(CommandSpec::new("rbd-fuse")
+    let mut c = CommandSpec::new("rbd-fuse")
         .env(
             "CEPH_ARGS",
             format!("--id {} -m {} --keyfile {}", req.user, mons, keyfile),
         )
-        .args(["-c", "/dev/null", "-p", &req.pool, "-r", &req.image])
+        .args(["-c", "/dev/null", "-p", &req.pool]);
+    if let Some(ns) = req.namespace.as_deref().filter(|n| !n.is_empty()) {
+        c = c.args(["-s", ns]);
+    }
+    Ok(c.args(["-r", &req.image])
         .arg(mountpoint.to_string_lossy())
         .detached())
 }
@@ -69,8 +80,19 @@ impl FuseMapper {
     pub fn new(config: MapperConfig) -> Self {
         Self {
             config,
-            lock: tokio::sync::Mutex::new(()),
+            locks: Default::default(),
         }
+    }
+
+    async fn lock(&self, mountpoint: &Path) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .locks
+            .lock()
+            .unwrap()
+            .entry(mountpoint.to_path_buf())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     pub fn fuse_root(&self) -> PathBuf {
@@ -79,7 +101,8 @@ impl FuseMapper {
 
     /// A stable, private mount point per image, so a restarted plugin finds it again.
     pub fn mountpoint_for(&self, image: &ImageRef<'_>) -> PathBuf {
-        let digest = Sha256::digest(format!("{}/{}", image.pool, image.image).as_bytes());
+        let spec = super::image_spec(image.pool, image.namespace, image.image);
+        let digest = Sha256::digest(spec.as_bytes());
         let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
         self.fuse_root().join(hex)
     }
@@ -162,13 +185,15 @@ impl FuseMapper {
         mountpoint: &Path,
         file: &Path,
     ) -> Result<(), NodeError> {
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
+        let spec = self
+            .config
+            .daemon(fuse_command(req, keyfile.path(), mountpoint)?)?;
         ensure_private_dir(&self.fuse_root())?;
         ensure_private_dir(mountpoint)?;
-        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
-        let spec = fuse_command(req, keyfile.path(), mountpoint)?;
         tracing::info!(command = %spec, "starting rbd-fuse");
         if let Err(e) = command::run_ok(&spec, self.config.command_timeout).await {
-            self.teardown(mountpoint).await;
+            self.discard(mountpoint).await;
             return Err(e);
         }
         // The daemon reads the key file while it connects, so it may only go once the image shows.
@@ -177,10 +202,10 @@ impl FuseMapper {
             .await;
         drop(keyfile);
         if !connected {
-            self.teardown(mountpoint).await;
+            self.discard(mountpoint).await;
             return Err(NodeError::Unavailable(format!(
-                "rbd-fuse did not expose {}/{} within {:?} (cluster unreachable, wrong credentials, or no such image)",
-                req.pool, req.image, self.config.fuse_connect_timeout
+                "rbd-fuse did not expose {} within {:?} (cluster unreachable, wrong credentials, or no such image)",
+                req.image_spec(), self.config.fuse_connect_timeout
             )));
         }
         Ok(())
@@ -201,13 +226,45 @@ impl FuseMapper {
                 device: dev,
                 pid: fuse_pids(&mp).first().copied(),
                 fuse_mountpoint: Some(mp),
+                unmap_options: None,
             }))
     }
 
-    /// Detaches loop devices over `mountpoint`, unmounts it (bounded), stops its rbd-fuse and
-    /// removes the directory. Best effort: problems are logged, the caller decides on errors by
-    /// checking what is left.
-    async fn teardown(&self, mountpoint: &Path) {
+    /// Detaches the loop devices over `mountpoint`, unmounts it and waits for its rbd-fuse to
+    /// exit, each step to its end: until rbd-fuse has closed the image it may hold writes for
+    /// the cluster, and killing it or detaching the mount lazily would drop them.
+    async fn teardown(&self, mountpoint: &Path) -> Result<(), NodeError> {
+        let t = self.config.unmount_timeout;
+        for dev in loop_devices_backed_by(mountpoint) {
+            let spec = CommandSpec::new("losetup")
+                .arg("-d")
+                .arg(dev.to_string_lossy())
+                .to_end();
+            command::run_ok(&spec, t).await?;
+        }
+        let pids = fuse_pids(mountpoint);
+        if MountTable::load()?.is_mountpoint(mountpoint) {
+            // In a child rather than a thread: it can block for as long as rbd-fuse cannot
+            // reach its cluster.
+            let spec = CommandSpec::new("umount")
+                .arg(mountpoint.to_string_lossy())
+                .to_end();
+            command::run_ok(&spec, t).await?;
+        }
+        // Unmounted, rbd-fuse closes the image (flushing librbd's cache) and exits.
+        step::to_end("rbd-fuse exit", t, async {
+            while pids.iter().any(|p| pid_alive(*p)) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let _ = std::fs::remove_dir(mountpoint);
+        Ok(())
+    }
+
+    /// Removes a mount no one has written through (a map that failed half-way, a mount left
+    /// without its loop device): bounded, forcing (SIGKILL, lazy unmount) what does not go.
+    async fn discard(&self, mountpoint: &Path) {
         let t = self.config.command_timeout;
         for dev in loop_devices_backed_by(mountpoint) {
             let spec = CommandSpec::new("losetup")
@@ -222,18 +279,10 @@ impl FuseMapper {
             .map(|tb| tb.is_mountpoint(mountpoint))
             .unwrap_or(true);
         if mounted {
-            // umount runs in a child: against an rbd-fuse that lost its cluster it can block
-            // forever, and a child can be abandoned where a thread could not.
             let spec = CommandSpec::new("umount").arg(mountpoint.to_string_lossy());
-            let clean = match command::run_ok(&spec, self.config.unmount_timeout).await {
-                Ok(_) => true,
-                Err(e) => {
-                    tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of rbd-fuse failed; forcing");
-                    false
-                }
-            };
-            if !clean {
-                kill_all(&pids, libc::SIGKILL);
+            if let Err(e) = command::run_ok(&spec, self.config.unmount_timeout).await {
+                tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "unmount of an unused rbd-fuse failed; forcing");
+                kill_all(&pids, Signal::SIGKILL);
                 let lazy = CommandSpec::new("umount")
                     .arg("-l")
                     .arg(mountpoint.to_string_lossy());
@@ -242,12 +291,11 @@ impl FuseMapper {
                 }
             }
         }
-        // After a clean unmount rbd-fuse exits by itself; give it a moment, then insist.
         let deadline = Instant::now() + Duration::from_secs(5);
         while pids.iter().any(|p| pid_alive(*p)) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        kill_all(&fuse_pids(mountpoint), libc::SIGKILL);
+        kill_all(&fuse_pids(mountpoint), Signal::SIGKILL);
         let _ = std::fs::remove_dir(mountpoint);
     }
 }
@@ -258,24 +306,19 @@ impl Mapper for FuseMapper {
     }
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
-        if req.namespace.as_deref().is_some_and(|n| !n.is_empty()) {
-            return Err(NodeError::InvalidArgument(
-                "rbd-fuse does not support RADOS namespaces; use krbd or nbd".into(),
-            ));
-        }
-        let _guard = self.lock.lock().await;
         let image = ImageRef::from(req);
+        let mp = self.mountpoint_for(&image);
+        let _guard = self.lock(&mp).await;
         if let Some(m) = self.find_unlocked(&image).await? {
             return Ok(m);
         }
-        let mp = self.mountpoint_for(&image);
         let file = mp.join(&req.image);
         let mounted = is_fuse_mount(&MountTable::load()?, &mp);
         // A mount left from before (no loop device yet): reuse it if it still serves the image.
         let reusable = mounted && self.wait_for_image(&file, Duration::from_secs(2)).await;
         if !reusable {
             if mounted {
-                self.teardown(&mp).await;
+                self.discard(&mp).await;
             }
             self.start_fuse(req, &mp, &file).await?;
         }
@@ -287,7 +330,7 @@ impl Mapper for FuseMapper {
         {
             Ok(o) => o,
             Err(e) => {
-                self.teardown(&mp).await;
+                self.discard(&mp).await;
                 return Err(e);
             }
         };
@@ -298,17 +341,18 @@ impl Mapper for FuseMapper {
             device,
             pid: fuse_pids(&mp).first().copied(),
             fuse_mountpoint: Some(mp),
+            unmap_options: None,
         })
     }
 
     async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError> {
-        let _guard = self.lock.lock().await;
         let Some(mp) = &mapping.fuse_mountpoint else {
             return Err(NodeError::InvalidArgument(
                 "fuse mapping without a mount point".into(),
             ));
         };
-        self.teardown(mp).await;
+        let _guard = self.lock(mp).await;
+        self.teardown(mp).await?;
         let left_mounted = MountTable::load()?.is_mountpoint(mp);
         let left_pids = fuse_pids(mp);
         let left_loops = loop_devices_backed_by(mp);
@@ -322,8 +366,20 @@ impl Mapper for FuseMapper {
     }
 
     async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError> {
-        let _guard = self.lock.lock().await;
+        let _guard = self.lock(&self.mountpoint_for(image)).await;
         self.find_unlocked(image).await
+    }
+
+    /// Kills rbd-fuse: the kernel aborts its FUSE connection, and everything waiting on it
+    /// fails. Not under the lock: an unmap holding it may be the very thing that waits.
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        let Some(mp) = &mapping.fuse_mountpoint else {
+            return Err(NodeError::InvalidArgument(
+                "fuse mapping without a mount point".into(),
+            ));
+        };
+        kill_all(&fuse_pids(mp), Signal::SIGKILL);
+        Ok(())
     }
 }
 
@@ -396,18 +452,6 @@ fn pid_alive(pid: u32) -> bool {
     std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
 }
 
-fn kill_all(pids: &[u32], signal: libc::c_int) {
-    for &pid in pids {
-        // SAFETY: kill(2) with a pid found by its rbd-fuse command line.
-        let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
-        if rc != 0 {
-            tracing::debug!(pid, "kill: {}", std::io::Error::last_os_error());
-        } else {
-            tracing::warn!(pid, signal, "killed rbd-fuse");
-        }
-    }
-}
-
 /// The loop device's current size, from sysfs (512-byte sectors).
 fn loop_size_bytes(device: &Path) -> Option<u64> {
     let name = device.file_name()?.to_str()?;
@@ -447,6 +491,11 @@ mod tests {
         assert!(c.own_process_group);
         assert!(!c.to_string().contains("AQB"));
         assert!(fuse_command(&req, Path::new("/a b/k"), Path::new("/m")).is_err());
+        // An image in a RADOS namespace: `-s` before the image.
+        let mut req = req;
+        req.namespace = Some("tenant-1".into());
+        let c = fuse_command(&req, Path::new("/k"), Path::new("/m")).unwrap();
+        assert_eq!(c.args[4..8], ["-s", "tenant-1", "-r", "csi-vol-1"]);
     }
 
     #[test]
@@ -467,9 +516,11 @@ mod tests {
     fn mountpoints_are_stable_per_image_and_distinct() {
         let m = FuseMapper::new(MapperConfig {
             state_dir: "/s".into(),
+            key_dir: "/k".into(),
             command_timeout: Duration::from_secs(1),
             fuse_connect_timeout: Duration::from_secs(1),
             unmount_timeout: Duration::from_secs(1),
+            cgroup: None,
         });
         let a = ImageRef {
             pool: "rbd",
@@ -482,6 +533,17 @@ mod tests {
         };
         assert_eq!(m.mountpoint_for(&a), m.mountpoint_for(&a));
         assert_ne!(m.mountpoint_for(&a), m.mountpoint_for(&b));
+        let in_ns = ImageRef {
+            namespace: Some("ns"),
+            ..a.clone()
+        };
+        assert_ne!(m.mountpoint_for(&a), m.mountpoint_for(&in_ns));
+        // Mount points of images without a namespace are what they were before namespaces
+        // (sha256 of "rbd/a"), so a plugin upgraded under a live mount still finds it.
+        assert_eq!(
+            m.mountpoint_for(&a),
+            Path::new("/s/fuse/0010f51dd5f7475354255f40f4c1652b")
+        );
         assert!(m.mountpoint_for(&a).starts_with("/s/fuse"));
     }
 

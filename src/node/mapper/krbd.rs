@@ -24,13 +24,14 @@ impl KrbdMapper {
     }
 }
 
-/// `rbd device map POOL[/NS]/IMAGE -c /dev/null --id U -m MONS --keyfile F [--options O] [--read-only]`
+/// `rbd device map POOL[/NS]/IMAGE -c /dev/null --id U -m MONS --keyfile F [--options O] [--read-only]`,
+/// with the krbd part of `mapOptions` as O.
 pub fn map_command(req: &MapRequest, keyfile: &Path) -> CommandSpec {
     let mut c = CommandSpec::new("rbd")
         .args(["device", "map"])
         .arg(req.image_spec())
         .args(cluster_args(req, keyfile));
-    if let Some(o) = req.map_options.as_deref().filter(|o| !o.is_empty()) {
+    if let Some(o) = req.map_options_for(MapperKind::Krbd) {
         c = c.args(["--options", o]);
     }
     if req.read_only {
@@ -43,9 +44,19 @@ pub fn list_command() -> CommandSpec {
     CommandSpec::new("rbd").args(["-c", "/dev/null", "device", "list", "--format", "json"])
 }
 
-pub fn unmap_command(device: &Path) -> CommandSpec {
+/// `rbd device unmap [--options O] DEVICE`, with the krbd part of `unmapOptions` as O.
+pub fn unmap_command(mapping: &Mapping) -> CommandSpec {
+    let mut c = CommandSpec::new("rbd").args(["-c", "/dev/null", "device", "unmap"]);
+    if let Some(o) = mapping.unmap_options.as_deref() {
+        c = c.args(["--options", o]);
+    }
+    c.arg(mapping.device.to_string_lossy())
+}
+
+/// `rbd device unmap -o force`: fails the I/O still queued on the device.
+pub fn force_unmap_command(device: &Path) -> CommandSpec {
     CommandSpec::new("rbd")
-        .args(["-c", "/dev/null", "device", "unmap"])
+        .args(["-c", "/dev/null", "device", "unmap", "-o", "force"])
         .arg(device.to_string_lossy())
 }
 
@@ -111,10 +122,11 @@ impl Mapper for KrbdMapper {
     }
 
     async fn map(&self, req: &MapRequest) -> Result<Mapping, NodeError> {
+        let unmap_options = req.unmap_options_for(MapperKind::Krbd);
         if let Some(m) = self.find(&req.into()).await? {
-            return Ok(m);
+            return Ok(Mapping { unmap_options, ..m });
         }
-        let keyfile = KeyFile::create(&self.config.state_dir, &req.key)?;
+        let keyfile = KeyFile::create(&self.config.key_dir, &req.key)?;
         let spec = map_command(req, keyfile.path());
         let out = command::run_ok(&spec, self.config.command_timeout).await?;
         drop(keyfile);
@@ -123,6 +135,7 @@ impl Mapper for KrbdMapper {
             device: parse_device("rbd", &out.stdout)?,
             fuse_mountpoint: None,
             pid: None,
+            unmap_options,
         })
     }
 
@@ -130,7 +143,14 @@ impl Mapper for KrbdMapper {
         if !mapping.device.exists() {
             return Ok(());
         }
-        command::run_ok(&unmap_command(&mapping.device), self.config.command_timeout)
+        command::run_ok(&unmap_command(mapping), self.config.command_timeout)
+            .await
+            .map(drop)
+    }
+
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        let spec = force_unmap_command(&mapping.device);
+        command::run_ok(&spec, self.config.command_timeout)
             .await
             .map(drop)
     }
@@ -145,6 +165,7 @@ impl Mapper for KrbdMapper {
                 device: d.device,
                 fuse_mountpoint: None,
                 pid: None,
+                unmap_options: None,
             }))
     }
 }
@@ -153,11 +174,13 @@ impl Mapper for KrbdMapper {
 mod tests {
     use super::*;
     use crate::node::mapper::sample_request;
+    use std::collections::HashMap;
 
     #[test]
     fn map_command_carries_keyfile_not_key() {
         let mut req = sample_request();
-        req.map_options = Some("queue_depth=128,lock_on_read".into());
+        req.map_options =
+            HashMap::from([(MapperKind::Krbd, "queue_depth=128,lock_on_read".into())]);
         req.read_only = true;
         let c = map_command(&req, Path::new("/s/keys/1.key"));
         assert_eq!(c.program, "rbd");
@@ -219,15 +242,67 @@ mod tests {
         assert!(parse_device("rbd", "").is_err());
     }
 
+    fn mapping(unmap_options: Option<&str>) -> Mapping {
+        Mapping {
+            mapper: MapperKind::Krbd,
+            device: "/dev/rbd0".into(),
+            fuse_mountpoint: None,
+            pid: None,
+            unmap_options: unmap_options.map(String::from),
+        }
+    }
+
     #[test]
     fn unmap_and_list_commands() {
         assert_eq!(
-            unmap_command(Path::new("/dev/rbd0")).args,
+            unmap_command(&mapping(None)).args,
             ["-c", "/dev/null", "device", "unmap", "/dev/rbd0"]
+        );
+        assert_eq!(
+            force_unmap_command(Path::new("/dev/rbd0")).args,
+            [
+                "-c",
+                "/dev/null",
+                "device",
+                "unmap",
+                "-o",
+                "force",
+                "/dev/rbd0"
+            ]
+        );
+        assert_eq!(
+            unmap_command(&mapping(Some("force"))).args,
+            [
+                "-c",
+                "/dev/null",
+                "device",
+                "unmap",
+                "--options",
+                "force",
+                "/dev/rbd0"
+            ]
         );
         assert_eq!(
             list_command().args[2..],
             ["device", "list", "--format", "json"]
         );
+    }
+
+    #[test]
+    fn map_command_passes_only_the_krbd_part_of_ceph_csi_map_options() {
+        let mut req = sample_request();
+        req.map_options = HashMap::from([
+            (MapperKind::Krbd, "queue_depth=128,lock_on_read".into()),
+            (MapperKind::Nbd, "io-timeout=5".into()),
+        ]);
+        let c = map_command(&req, Path::new("/k"));
+        assert_eq!(
+            c.args[c.args.len() - 2..],
+            ["--options", "queue_depth=128,lock_on_read"]
+        );
+        req.map_options.remove(&MapperKind::Krbd);
+        assert!(!map_command(&req, Path::new("/k"))
+            .args
+            .contains(&"--options".to_string()));
     }
 }

@@ -2,27 +2,34 @@
 //! device, chosen per volume by the StorageClass parameter `mounter`.
 //!
 //! Credentials reach the tools only through a [`KeyFile`] (mode 0600, created exclusively in a 0700
-//! directory, deleted right after use) and `--keyfile`; never through argv or logs.
+//! memory-backed directory, deleted right after use) and `--keyfile`; never through argv or logs.
+//! The daemons (rbd-fuse, rbd-nbd) start in the mappers' cgroup, outside the plugin container's
+//! (see [`cgroup`]), so they outlive it.
 
 pub mod auto;
+pub mod cgroup;
 pub mod fuse;
+pub mod keyfile;
 pub mod krbd;
 pub mod nbd;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::command::CommandSpec;
 use super::NodeError;
 use crate::secret::Secret;
 
 pub use auto::AutoProbe;
+pub use cgroup::{CgroupSetting, MapperCgroup};
 pub use fuse::FuseMapper;
+pub use keyfile::{KeyDir, KeyFile};
 pub use krbd::KrbdMapper;
 pub use nbd::NbdMapper;
 
@@ -85,8 +92,10 @@ pub struct MapRequest {
     pub monitors: Vec<String>,
     pub user: String,
     pub key: Secret,
-    /// StorageClass `mapOptions` (comma-separated), passed to the mapper.
-    pub map_options: Option<String>,
+    /// Each mapper's own comma-separated options, from the StorageClass's `mapOptions`.
+    pub map_options: HashMap<MapperKind, String>,
+    /// The same from `unmapOptions`; the mapper keeps its own in the [`Mapping`].
+    pub unmap_options: HashMap<MapperKind, String>,
     pub read_only: bool,
 }
 
@@ -94,6 +103,22 @@ impl MapRequest {
     /// `pool[/namespace]/image`, the spec `rbd` and `rbd-nbd` take.
     pub fn image_spec(&self) -> String {
         image_spec(&self.pool, self.namespace.as_deref(), &self.image)
+    }
+
+    /// `kind`'s map options, if the StorageClass gave any.
+    pub fn map_options_for(&self, kind: MapperKind) -> Option<&str> {
+        self.map_options
+            .get(&kind)
+            .map(String::as_str)
+            .filter(|o| !o.is_empty())
+    }
+
+    /// `kind`'s unmap options, to record in the mapping.
+    pub fn unmap_options_for(&self, kind: MapperKind) -> Option<String> {
+        self.unmap_options
+            .get(&kind)
+            .filter(|o| !o.is_empty())
+            .cloned()
     }
 
     fn validate(&self) -> Result<(), NodeError> {
@@ -137,6 +162,20 @@ pub struct Mapping {
     /// The daemon serving the device (rbd-fuse, rbd-nbd), when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// This mapper's `unmapOptions`, kept for the unmap (NodeUnstage carries no volume context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unmap_options: Option<String>,
+}
+
+impl Mapping {
+    /// The same mapping, unmapped with the options recorded in `recorded` (a mapping found on the
+    /// system knows no options of its own).
+    pub fn with_unmap_options_of(self, recorded: &Mapping) -> Mapping {
+        Mapping {
+            unmap_options: recorded.unmap_options.clone(),
+            ..self
+        }
+    }
 }
 
 /// Identifies an image for [`Mapper::find`].
@@ -167,18 +206,35 @@ pub trait Mapper {
     async fn unmap(&self, mapping: &Mapping) -> Result<(), NodeError>;
     /// The existing mapping of the image, if any (after a repeated stage or a plugin restart).
     async fn find(&self, image: &ImageRef<'_>) -> Result<Option<Mapping>, NodeError>;
+    /// Breaks the I/O path of a mapping whose cluster is gone, so that what waits on it (an
+    /// unmount flushing dirty pages) fails instead of waiting forever. Loses unwritten data.
+    async fn force(&self, mapping: &Mapping) -> Result<(), NodeError>;
 }
 
 /// Settings shared by all mappers.
 #[derive(Debug, Clone)]
 pub struct MapperConfig {
-    /// Root of the plugin's private state (key files, fuse mount points).
+    /// Root of the plugin's private state (fuse mount points).
     pub state_dir: PathBuf,
+    /// Where key files are written for the tools: memory-backed, see [`KeyDir`].
+    pub key_dir: PathBuf,
     pub command_timeout: Duration,
     /// How long rbd-fuse may take to connect and expose the image.
     pub fuse_connect_timeout: Duration,
     /// How long an unmount of a fuse mount point may block before it is forced.
     pub unmount_timeout: Duration,
+    /// Where the daemons run; `None`: in the plugin's own cgroups.
+    pub cgroup: Option<Arc<MapperCgroup>>,
+}
+
+impl MapperConfig {
+    /// A daemon's command, started outside the plugin's cgroups when there is a mappers' cgroup.
+    pub(crate) fn daemon(&self, spec: CommandSpec) -> Result<CommandSpec, NodeError> {
+        Ok(match &self.cgroup {
+            Some(cg) => spec.in_cgroups(cg.procs_files()?),
+            None => spec,
+        })
+    }
 }
 
 /// All mappers, dispatching on [`MapperKind`].
@@ -237,6 +293,14 @@ impl Mappers {
         }
     }
 
+    pub async fn force(&self, mapping: &Mapping) -> Result<(), NodeError> {
+        match mapping.mapper {
+            MapperKind::Krbd => self.krbd.force(mapping).await,
+            MapperKind::Nbd => self.nbd.force(mapping).await,
+            MapperKind::Fuse => self.fuse.force(mapping).await,
+        }
+    }
+
     /// Whether the mapping still serves its device; the reason when it does not.
     pub fn health(&self, mapping: &Mapping) -> Result<(), String> {
         if !mapping.device.exists() {
@@ -249,53 +313,13 @@ impl Mappers {
     }
 }
 
-/// A cephx key in a 0600 file, removed on drop.
-#[derive(Debug)]
-pub struct KeyFile {
-    path: PathBuf,
-}
-
-impl KeyFile {
-    /// Creates the file exclusively with mode 0600 inside `<state_dir>/keys` (mode 0700).
-    pub fn create(state_dir: &Path, key: &Secret) -> Result<Self, NodeError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = state_dir.join("keys");
-        super::state::ensure_private_dir(&dir)?;
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let name = format!(
-            "{}-{}-{nanos}.key",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let path = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| NodeError::io("creating key file", &path, e))?;
-        let kf = KeyFile { path };
-        use std::io::Write;
-        f.write_all(key.expose().as_bytes())
-            .and_then(|_| f.write_all(b"\n"))
-            .map_err(|e| NodeError::io("writing key file", &kf.path, e))?;
-        Ok(kf)
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-}
-
-impl Drop for KeyFile {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.path) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::error!(path = %self.path.display(), error = %e, "could not remove key file");
-            }
+/// Sends `signal` to each of `pids` (daemons found by their command line or recorded at map).
+pub(crate) fn kill_all(pids: &[u32], signal: nix::sys::signal::Signal) {
+    use nix::unistd::Pid;
+    for &pid in pids {
+        match nix::sys::signal::kill(Pid::from_raw(pid as i32), signal) {
+            Ok(()) => tracing::warn!(pid, %signal, "signalled mapper daemon"),
+            Err(e) => tracing::debug!(pid, "kill: {e}"),
         }
     }
 }
@@ -324,7 +348,8 @@ pub(crate) fn sample_request() -> MapRequest {
         monitors: vec!["10.0.0.1:6789".into(), "10.0.0.2:6789".into()],
         user: "csi".into(),
         key: Secret::new("AQBsecretkey=="),
-        map_options: None,
+        map_options: HashMap::new(),
+        unmap_options: HashMap::new(),
         read_only: false,
     }
 }
@@ -332,7 +357,6 @@ pub(crate) fn sample_request() -> MapRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::MetadataExt;
 
     #[test]
     fn mounter_parameter_accepts_ceph_csi_spellings() {
@@ -353,21 +377,6 @@ mod tests {
     }
 
     #[test]
-    fn key_file_is_private_and_removed_on_drop() {
-        let dir = tempfile::tempdir().unwrap();
-        let kf = KeyFile::create(dir.path(), &Secret::new("AQBkey==")).unwrap();
-        let p = kf.path().to_path_buf();
-        assert_eq!(std::fs::metadata(&p).unwrap().mode() & 0o777, 0o600);
-        assert_eq!(
-            std::fs::metadata(p.parent().unwrap()).unwrap().mode() & 0o777,
-            0o700
-        );
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), "AQBkey==\n");
-        drop(kf);
-        assert!(!p.exists());
-    }
-
-    #[test]
     fn requests_with_option_like_or_slashed_names_are_rejected() {
         let mut r = sample_request();
         assert!(r.validate().is_ok());
@@ -379,6 +388,28 @@ mod tests {
         let mut r = sample_request();
         r.monitors.clear();
         assert!(r.validate().is_err());
+    }
+
+    #[test]
+    fn unmap_options_survive_in_the_state_file_and_older_files_still_read() {
+        let recorded = Mapping {
+            mapper: MapperKind::Krbd,
+            device: "/dev/rbd0".into(),
+            fuse_mountpoint: None,
+            pid: None,
+            unmap_options: Some("force".into()),
+        };
+        let json = serde_json::to_string(&recorded).unwrap();
+        assert_eq!(serde_json::from_str::<Mapping>(&json).unwrap(), recorded);
+        let old: Mapping =
+            serde_json::from_str(r#"{"mapper":"krbd","device":"/dev/rbd0"}"#).unwrap();
+        assert_eq!(old.unmap_options, None);
+        // What unstage finds on the system carries the recorded options to the unmap.
+        let found = Mapping {
+            unmap_options: None,
+            ..recorded.clone()
+        };
+        assert_eq!(found.with_unmap_options_of(&recorded), recorded);
     }
 
     #[test]

@@ -66,7 +66,7 @@ impl Controller {
         let creds = self.creds(secrets)?;
         // The pool of an ID we issued existed when we made the image. If the cluster now says it
         // does not, it was deleted, and every image in it with it.
-        let io = match self.ioctx(&id.cluster_id, &id.pool, &creds).await {
+        let io = match self.volume_ioctx(&id, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
@@ -76,6 +76,11 @@ impl Controller {
         // leave an image trashed and not queued for its purge.
         let work = async move {
             let started = Instant::now();
+            let at = (
+                id.cluster_id.as_str(),
+                id.pool.as_str(),
+                id.namespace.as_str(),
+            );
             let trashed = loop {
                 let name = id.image.clone();
                 let r = with_ioctx(io.clone(), move |io| record_and_trash(io, &name, deferment))
@@ -86,7 +91,7 @@ impl Controller {
                     // Our own purge of one of its clones has it open; that is over in moments.
                     Err(Watched(image_id))
                         if started.elapsed() < OWN_PURGE_WAIT
-                            && trash.purging_clones_of(&id.cluster_id, &id.pool, &image_id) =>
+                            && trash.purging_clones_of(at, &image_id) =>
                     {
                         tokio::time::sleep(Duration::from_millis(50)).await
                     }
@@ -104,7 +109,7 @@ impl Controller {
                                 .await
                                 .map_err(Error::ceph(format!("deleting image {}", id.image)))?;
                         // While librbd waited, our purge of a clone may have come to hold it.
-                        let ours = trash.purging_clones_of(&id.cluster_id, &id.pool, &image_id);
+                        let ours = trash.purging_clones_of(at, &image_id);
                         if r.is_ok() || !ours || started.elapsed() >= OWN_PURGE_WAIT {
                             break r;
                         }
@@ -113,7 +118,7 @@ impl Controller {
             }
             .map_err(|why| Error::FailedPrecondition(format!("volume {vid} {why}")))?;
             if let Some(t) = trashed {
-                trash.add(&id.cluster_id, &id.pool, &creds, t);
+                trash.add(at, &creds, t);
             }
             Ok(())
         };
@@ -127,7 +132,7 @@ impl Controller {
     /// After a delete in a pool known by name only (DeleteSnapshot): a dependent of a waiting
     /// entry may be gone, and with `trashed_now` a record was written there to be found.
     pub(super) fn sweep_trash_later(&self, io: Arc<IoCtx>, trashed_now: bool) {
-        self.trash.poke(io.pool(), trashed_now);
+        self.trash.poke(io.pool(), io.namespace(), trashed_now);
     }
 }
 

@@ -16,17 +16,14 @@ impl Controller {
     ) -> Result<VolumeInfo, Error> {
         let id = self.decode_existing(volume_id)?;
         let creds = self.creds(secrets)?;
-        let io = self
-            .ioctx(&id.cluster_id, &id.pool, &creds)
-            .await
-            .map_err(|e| match e {
-                Error::InvalidArgument(m) => Error::NotFound(m),
-                e => e,
-            })?;
+        let io = self.volume_ioctx(&id, &creds).await.map_err(|e| match e {
+            Error::InvalidArgument(m) => Error::NotFound(m),
+            e => e,
+        })?;
         let image = id.image.clone();
         let (size, attachments) = with_ioctx(io, move |io| {
             let img = io.open_image_read_only(&image)?;
-            Ok((img.size()?, read_attachments(&img)?))
+            Ok((img.size()?, read_attachments(io, &img)?))
         })
         .await
         .map_err(|e| {
@@ -45,21 +42,30 @@ impl Controller {
 
     // ---------------------------------------------------------------- listing / capacity
 
-    /// (cluster, pool) pairs to search: RBD pools of each cluster, or just the one in `scope`.
+    /// (cluster, pool, namespace) to search: RBD pools of each cluster in the cluster's
+    /// configured namespace, or just the place of `scope`.
     pub(super) async fn pools(
         &self,
         scope: Option<&VolumeId>,
         creds: &Credentials,
-    ) -> Result<Vec<(String, String)>, Error> {
+    ) -> Result<Vec<(String, String, String)>, Error> {
         if let Some(v) = scope {
-            return Ok(vec![(v.cluster_id.clone(), v.pool.clone())]);
+            return Ok(vec![(
+                v.cluster_id.clone(),
+                v.pool.clone(),
+                v.namespace.clone(),
+            )]);
         }
         let mut ids: Vec<&ClusterEntry> = self.clusters.entries().collect();
         ids.sort_by(|a, b| a.cluster_id.cmp(&b.cluster_id));
         let mut out = Vec::new();
         for entry in ids {
             for pool in self.rbd_pools(&entry.cluster_id, creds).await? {
-                out.push((entry.cluster_id.clone(), pool));
+                out.push((
+                    entry.cluster_id.clone(),
+                    pool,
+                    entry.rados_namespace().to_string(),
+                ));
             }
         }
         Ok(out)
@@ -101,12 +107,12 @@ impl Controller {
                 "max_entries must not be negative".into(),
             ));
         }
-        let prefixes: Vec<String> = self.prefixes.lock().unwrap().iter().cloned().collect();
         // IDs come from names alone, so list, page, and open only the page's images.
         let mut ids = Vec::new();
         let mut ioctxs = HashMap::new();
-        for (cluster, pool) in self.pools(None, &creds).await? {
-            let io = self.ioctx(&cluster, &pool, &creds).await?;
+        for (cluster, pool, namespace) in self.pools(None, &creds).await? {
+            let io = self.ioctx(&cluster, &pool, &namespace, &creds).await?;
+            let prefixes = self.known_prefixes(&io).await?;
             let names = with_ioctx(io.clone(), |io| io.list_images())
                 .await
                 .map_err(Error::ceph(format!("listing volumes in {pool}")))?;
@@ -114,9 +120,9 @@ impl Controller {
                 names
                     .into_iter()
                     .filter(|n| prefixes.iter().any(|p| n.starts_with(p)))
-                    .map(|n| VolumeId::new(&cluster, &pool, &n)),
+                    .map(|n| VolumeId::in_namespace(&cluster, &pool, &namespace, &n)),
             );
-            ioctxs.insert((cluster, pool), io);
+            ioctxs.insert((cluster, pool, namespace), io);
         }
         let page = paginate(ids, |v| v.encode(), max_entries, token)?;
         // Opening an image costs round trips: spread the page over a few blocking tasks.
@@ -126,7 +132,10 @@ impl Controller {
             let part = part.to_vec();
             let ioctxs: Vec<Arc<IoCtx>> = part
                 .iter()
-                .map(|id| ioctxs[&(id.cluster_id.clone(), id.pool.clone())].clone())
+                .map(|id| {
+                    let at = (id.cluster_id.clone(), id.pool.clone(), id.namespace.clone());
+                    ioctxs[&at].clone()
+                })
                 .collect();
             // Spawned now, so the parts run at the same time.
             tasks.push(tokio::task::spawn_blocking(
@@ -140,7 +149,7 @@ impl Controller {
                         };
                         out.push(VolumeInfo {
                             size: img.size()?,
-                            attachments: read_attachments(&img)?,
+                            attachments: read_attachments(&io, &img)?,
                             id,
                         });
                     }

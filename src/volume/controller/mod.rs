@@ -1,7 +1,10 @@
 //! Controller-side volume lifecycle on Ceph, one file per operation: `create` (empty, from a
 //! snapshot, from a volume), `delete` (and the trash), `expand`, `attach` (publish with fencing),
-//! `registry` (nodes), `snapshot`, `list` (volumes, capacity). This file holds the types and
-//! the connection plumbing they share.
+//! `registry` (nodes), `snapshot`, `list` (volumes, capacity), `ownership` (image marks and
+//! recorded name prefixes). This file holds the types and the plumbing they share.
+//!
+//! Every operation with side effects runs through [`Controller::run_owned`]: in a task that holds
+//! the operation's key until its work is over, even when the caller has stopped waiting.
 //!
 //! Idempotency comes from deterministic names (`naming`): a retried request finds the image it
 //! made before, and a half-made one is completed or removed. Snapshots are images of their own
@@ -13,6 +16,7 @@ mod create;
 mod delete;
 mod expand;
 mod list;
+mod ownership;
 mod registry;
 mod snapshot;
 mod trash;
@@ -26,7 +30,8 @@ use super::{
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, IoCtx};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -36,15 +41,18 @@ pub const DEFAULT_SIZE: u64 = 1 << 30;
 /// Larger requests are refused with OutOfRange rather than handed to librbd.
 pub const MAX_SIZE: u64 = 1 << 50;
 const ATTACHMENTS_KEY: &str = "rook-rbd.attachments";
+/// The request name that made the image (see `ownership`).
 const NAME_KEY: &str = "rook-rbd.name";
-/// Per-image metadata that must not carry over from a parent to its clone.
-const INHERITED_KEYS: [&str; 6] = [
+/// Set by the external-provisioner's --extra-create-metadata; the PV name is the request name.
+const PV_NAME_KEY: &str = "csi.storage.k8s.io/pv/name";
+/// Per-image metadata that must not carry over from a parent to its clone. The clone's own mark
+/// replaces the parent's, so `NAME_KEY` is not removed but overwritten.
+const INHERITED_KEYS: [&str; 5] = [
     ATTACHMENTS_KEY,
-    NAME_KEY,
     PARENT_KEY,
     "csi.storage.k8s.io/pvc/name",
     "csi.storage.k8s.io/pvc/namespace",
-    "csi.storage.k8s.io/pv/name",
+    PV_NAME_KEY,
 ];
 /// The source image of a clone that has been flattened.
 const PARENT_KEY: &str = "rook-rbd.parent";
@@ -52,9 +60,6 @@ const NODE_OBJECT_PREFIX: &str = "rook-rbd.node.";
 const TRASH_SOURCE_USER: i32 = 0;
 /// Blocking tasks ListVolumes spreads its image opens over.
 const LIST_PARALLELISM: usize = 8;
-
-/// A blocking step's result: Ceph failed (outer), or Ceph answered and the request is refused (inner).
-type Outcome<T> = Result<Result<T, Error>, CephError>;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -138,10 +143,12 @@ pub struct Controller {
     inflight: InFlight,
     create_slots: Semaphore,
     cfg: ControllerConfig,
-    /// Image-name prefixes this controller has created with, for listing and trash sweeps.
+    /// Every image-name prefix this process has created with or read from a pool's record.
     prefixes: Mutex<BTreeSet<String>>,
     /// What this driver moved to the RBD trash, and the purgers that remove it.
     trash: Arc<trash::Trash>,
+    /// (cluster, pool[/ns], prefix) known to be recorded in the pool (`ownership`).
+    recorded_prefixes: Mutex<HashSet<(String, String, String)>>,
 }
 
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
@@ -215,7 +222,24 @@ impl Controller {
             create_slots: Semaphore::new(cfg.create_concurrency.max(1)),
             cfg,
             prefixes: Mutex::new(prefixes),
+            recorded_prefixes: Default::default(),
         }
+    }
+
+    /// Runs `work` as the one operation on `key`, in a task that owns the key until `work` is
+    /// over. A gRPC deadline drops the handler future, not the task: a retry gets `Aborted` until
+    /// the first attempt has finished, so it never runs beside (or undoes) the call it retries.
+    /// Whatever `work` needs (a semaphore permit, say) it must take inside, so the task owns it.
+    async fn run_owned<T, Fut>(
+        self: &Arc<Self>,
+        key: &str,
+        work: impl FnOnce(Arc<Self>) -> Fut,
+    ) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<T, Error>> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inflight.run(key, work(self.clone())).await?
     }
 
     pub fn pool(&self) -> &Arc<ConnectionPool> {
@@ -290,15 +314,23 @@ impl Controller {
         }
     }
 
-    /// A pool's I/O context; a pool that does not exist is an InvalidArgument, not an Internal.
+    /// The I/O context of a pool and RADOS namespace (empty: the default); a pool or namespace
+    /// that does not exist is an InvalidArgument, not an Internal.
     async fn ioctx(
         &self,
         cluster_id: &str,
         pool: &str,
+        namespace: &str,
         creds: &Credentials,
     ) -> Result<Arc<IoCtx>, Error> {
         let conn = self.connect(cluster_id, creds).await?;
-        self.pool_ioctx(conn, cluster_id, pool).await
+        self.pool_ioctx(conn, cluster_id, pool, namespace).await
+    }
+
+    /// The I/O context of a volume's pool and namespace.
+    async fn volume_ioctx(&self, id: &VolumeId, creds: &Credentials) -> Result<Arc<IoCtx>, Error> {
+        self.ioctx(&id.cluster_id, &id.pool, &id.namespace, creds)
+            .await
     }
 
     /// A pool's I/O context on a connection the caller already holds.
@@ -307,20 +339,28 @@ impl Controller {
         conn: Arc<Connection>,
         cluster_id: &str,
         pool: &str,
+        namespace: &str,
     ) -> Result<Arc<IoCtx>, Error> {
-        if let Some(io) = conn.cached_ioctx(pool) {
+        if let Some(io) = conn.cached_ioctx(pool, namespace) {
             return Ok(io);
         }
-        let p = pool.to_string();
-        blocking(move || conn.ioctx(&p)).await.map_err(|e| {
-            if e.not_found() {
-                Error::InvalidArgument(format!(
-                    "pool {pool:?} does not exist in cluster {cluster_id}"
-                ))
-            } else {
-                Error::ceph(format!("opening pool {pool}"))(e)
-            }
-        })
+        let (p, ns) = (pool.to_string(), namespace.to_string());
+        let io = blocking(move || conn.ioctx_in(&p, &ns))
+            .await
+            .map_err(|e| {
+                if e.not_found() && e.op == "rbd_namespace_exists" {
+                    Error::InvalidArgument(format!(
+                        "RADOS namespace {pool}/{namespace} does not exist in cluster {cluster_id} (rbd namespace create {pool}/{namespace})"
+                    ))
+                } else if e.not_found() {
+                    Error::InvalidArgument(format!(
+                        "pool {pool:?} does not exist in cluster {cluster_id}"
+                    ))
+                } else {
+                    Error::ceph(format!("opening pool {pool}"))(e)
+                }
+            })?;
+        Ok(io)
     }
 
     pub(super) fn decode_existing(&self, volume_id: &str) -> Result<VolumeId, Error> {
@@ -342,6 +382,22 @@ fn not_found_source(id: &str) -> impl FnOnce(Error) -> Error + '_ {
     move |e| match e {
         Error::InvalidArgument(_) => Error::NotFound(format!("source {id} does not exist")),
         e => e,
+    }
+}
+
+/// For a step after the image may exist. Whatever failed, the caller must retry rather than give
+/// up: the external-provisioner forgets a request that got a final code, and the half-made image
+/// leaks. A timeout keeps its own code (DeadlineExceeded); anything else becomes Aborted.
+fn unfinished(context: impl Into<String>) -> impl FnOnce(CephError) -> Error {
+    let context = context.into();
+    move |source| {
+        if source.timed_out() {
+            Error::Ceph { context, source }
+        } else {
+            Error::Aborted(format!(
+                "{context}: {source}; the image exists but is not complete: retry"
+            ))
+        }
     }
 }
 

@@ -29,7 +29,14 @@ impl Controller {
         creds: &Credentials,
     ) -> Result<(), Error> {
         let entry = self.cluster(cluster_id)?;
-        let io = self.ioctx(cluster_id, entry.registry_pool(), creds).await?;
+        let io = self
+            .ioctx(
+                cluster_id,
+                entry.registry_pool(),
+                entry.rados_namespace(),
+                creds,
+            )
+            .await?;
         let obj = node_object(node);
         let known = with_ioctx(io, move |io| io.exists(&obj))
             .await
@@ -48,7 +55,12 @@ impl Controller {
         validate_node_id(node)?;
         for entry in self.clusters.entries() {
             let io = self
-                .ioctx(&entry.cluster_id, entry.registry_pool(), creds)
+                .ioctx(
+                    &entry.cluster_id,
+                    entry.registry_pool(),
+                    entry.rados_namespace(),
+                    creds,
+                )
                 .await?;
             let obj = node_object(node);
             let body = serde_json::json!({"node": node, "registered": unix_now()}).to_string();

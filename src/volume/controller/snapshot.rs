@@ -1,22 +1,24 @@
 //! CreateSnapshot, DeleteSnapshot and ListSnapshots. A snapshot is an image of its own: a clone of
 //! the source with one snapshot of the same name.
 
-use super::create::create_clone;
+use super::create::{create_clone, CloneSource, Target};
 use super::delete::remove_or_trash;
 use super::list::paginate;
+use super::ownership::{check_mark, mark};
 use super::{
-    ignore_exists, ignore_missing, not_found_source, parent_name, validate_name, Controller,
-    Outcome, Page, Snapshot,
+    ignore_exists, ignore_missing, not_found_source, parent_name, unfinished, validate_name,
+    Controller, Page, Snapshot,
 };
 use crate::ceph::pool::{blocking, with_ioctx};
 use crate::ceph::{CephError, ImageOptions, IoCtx};
 use crate::volume::naming;
 use crate::volume::{Credentials, Error, SnapshotId, VolumeId};
 use std::collections::HashMap;
+use std::sync::Arc;
 
 impl Controller {
     pub async fn create_snapshot(
-        &self,
+        self: &Arc<Self>,
         name: &str,
         source_volume: &str,
         secrets: &HashMap<String, String>,
@@ -29,20 +31,31 @@ impl Controller {
         }
         let src = self.decode_existing(source_volume)?;
         let creds = self.creds(secrets)?;
-        let _guard = self
-            .inflight
-            .try_enter(&format!("snapshot/{name}"))
-            .ok_or_else(|| Error::aborted_in_flight(name))?;
+        let (name, source_volume) = (name.to_string(), source_volume.to_string());
+        self.run_owned(&format!("snapshot/{name}"), move |this| async move {
+            this.make_snapshot(&name, &source_volume, src, creds).await
+        })
+        .await
+    }
+
+    /// CreateSnapshot's work, in the task that owns the request's key.
+    async fn make_snapshot(
+        &self,
+        name: &str,
+        source_volume: &str,
+        src: VolumeId,
+        creds: Credentials,
+    ) -> Result<Snapshot, Error> {
         let conn = self.connect(&src.cluster_id, &creds).await?;
         let io = self
-            .pool_ioctx(conn.clone(), &src.cluster_id, &src.pool)
+            .pool_ioctx(conn.clone(), &src.cluster_id, &src.pool, &src.namespace)
             .await
             .map_err(not_found_source(source_volume))?;
         let snap_image = naming::snapshot_image(name);
         let id = SnapshotId {
-            volume: VolumeId::new(&src.cluster_id, &src.pool, &snap_image),
+            volume: src.sibling(&snap_image),
         };
-        let source_image = src.image.clone();
+        let (source_image, name) = (src.image.clone(), name.to_string());
         let max_depth = self.cfg.max_clone_depth;
         let opts = ImageOptions {
             features: crate::volume::params::parse_features(
@@ -50,50 +63,18 @@ impl Controller {
             )?,
             ..Default::default()
         };
-        let (size, created) = blocking(move || -> Outcome<(u64, (i64, i32))> {
-            let size = match io.open_image_read_only(&source_image) {
-                Err(e) if e.not_found() => {
-                    return Ok(Err(Error::NotFound(format!(
-                        "source volume {source_image} does not exist"
-                    ))))
-                }
-                r => r?.size()?,
+        let (size, created) = blocking(move || {
+            let src = CloneSource {
+                conn: &conn,
+                io: &io,
+                image: &source_image,
+                from_snapshot: false,
+                max_depth,
             };
-            let img = match io.open_image(&snap_image) {
-                // Complete from an earlier call: only the size of the source may have moved on.
-                Ok(img) if img.snaps()?.iter().any(|s| s.name == snap_image) => img,
-                _ => {
-                    if let Err(e) = create_clone(
-                        &conn,
-                        &io,
-                        &source_image,
-                        false,
-                        &io,
-                        &snap_image,
-                        size,
-                        &opts,
-                        max_depth,
-                    )? {
-                        return Ok(Err(e));
-                    }
-                    let img = io.open_image(&snap_image)?;
-                    ignore_exists(img.snap_create(&snap_image))?;
-                    img
-                }
-            };
-            if parent_name(&img)?.as_deref() != Some(source_image.as_str()) {
-                return Ok(Err(Error::AlreadyExists(
-                    "a snapshot with this name exists for another source volume".into(),
-                )));
-            }
-            let snap = img.snaps()?.into_iter().find(|s| s.name == snap_image);
-            let snap = snap.ok_or_else(|| {
-                CephError::new("rbd_snap_list", snap_image.clone(), -libc::ENOENT)
-            })?;
-            Ok(Ok((snap.size, img.snap_timestamp(snap.id)?)))
+            Ok(build_snapshot(&src, &snap_image, &name, &opts))
         })
         .await
-        .map_err(Error::ceph(format!("snapshotting {}", src.image)))??;
+        .map_err(unfinished(format!("snapshotting {}", src.image)))??;
         Ok(Snapshot {
             id,
             source_volume: src,
@@ -116,10 +97,7 @@ impl Controller {
             .inflight
             .try_enter(snapshot_id)
             .ok_or_else(|| Error::aborted_in_flight(snapshot_id))?;
-        let io = match self
-            .ioctx(&id.volume.cluster_id, &id.volume.pool, &creds)
-            .await
-        {
+        let io = match self.volume_ioctx(&id.volume, &creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(()),
             r => r?,
         };
@@ -148,10 +126,7 @@ impl Controller {
         id: &SnapshotId,
         creds: &Credentials,
     ) -> Result<Option<Snapshot>, Error> {
-        let io = match self
-            .ioctx(&id.volume.cluster_id, &id.volume.pool, creds)
-            .await
-        {
+        let io = match self.volume_ioctx(&id.volume, creds).await {
             Err(Error::InvalidArgument(_)) => return Ok(None),
             r => r?,
         };
@@ -195,8 +170,8 @@ impl Controller {
                     }
                 },
             };
-            for (cluster, pool) in self.pools(scope.as_ref(), &creds).await? {
-                let io = self.ioctx(&cluster, &pool, &creds).await?;
+            for (cluster, pool, namespace) in self.pools(scope.as_ref(), &creds).await? {
+                let io = self.ioctx(&cluster, &pool, &namespace, &creds).await?;
                 let c = cluster.clone();
                 let found = with_ioctx(io, move |io| {
                     let mut out = Vec::new();
@@ -227,6 +202,72 @@ impl Controller {
     }
 }
 
+/// Makes (or completes, or finds complete) the snapshot image `image` of `src` for request
+/// `name`: a clone of the source with one snapshot of the same name. Returns the snapshot's size
+/// and creation time.
+fn build_snapshot(
+    src: &CloneSource,
+    image: &str,
+    name: &str,
+    opts: &ImageOptions,
+) -> Result<(u64, (i64, i32)), Error> {
+    let simg = match src.io.open_image_read_only(src.image) {
+        Err(e) if e.not_found() => {
+            return Err(Error::NotFound(format!(
+                "source volume {} does not exist",
+                src.image
+            )))
+        }
+        r => r.map_err(Error::ceph(format!("reading {}", src.image)))?,
+    };
+    let size = simg
+        .size()
+        .map_err(Error::ceph(format!("reading {}", src.image)))?;
+    // From here on the snapshot image may exist, made by an earlier attempt of this request.
+    let step = |what: &str| unfinished(format!("{what} snapshot image {image}"));
+    let complete = match src.io.open_image(image) {
+        Ok(img) => {
+            let snaps = img.snaps().map_err(step("reading"))?;
+            snaps.iter().any(|s| s.name == image).then_some(img)
+        }
+        Err(e) if e.not_found() => None,
+        Err(e) => return Err(step("opening")(e)),
+    };
+    let img = match complete {
+        // Complete from an earlier call: only the size of the source may have moved on.
+        Some(img) => {
+            if parent_name(&img).map_err(step("reading"))?.as_deref() != Some(src.image) {
+                return Err(Error::AlreadyExists(
+                    "a snapshot with this name exists for another source volume".into(),
+                ));
+            }
+            check_mark(&img, image, name, Some(&simg))?;
+            mark(&img, image, name)?;
+            img
+        }
+        None => {
+            let t = Target {
+                io: src.io,
+                image,
+                name,
+                size,
+                opts,
+            };
+            let img = create_clone(src, &t)?;
+            ignore_exists(img.snap_create(image)).map_err(step("snapshotting"))?;
+            img
+        }
+    };
+    let snap = img
+        .snaps()
+        .map_err(step("reading"))?
+        .into_iter()
+        .find(|s| s.name == image)
+        .ok_or_else(|| Error::Aborted(format!("snapshot {image} vanished while made; retry")))?;
+    let created = img.snap_timestamp(snap.id).map_err(step("reading"))?;
+    Ok((snap.size, created))
+}
+
 fn read_snapshot(io: &IoCtx, cluster: &str, image: &str) -> Result<Option<Snapshot>, CephError> {
     let img = match io.open_image_read_only(image) {
         Err(e) if e.not_found() => return Ok(None),
@@ -235,11 +276,10 @@ fn read_snapshot(io: &IoCtx, cluster: &str, image: &str) -> Result<Option<Snapsh
     let Some(snap) = img.snaps()?.into_iter().find(|s| s.name == image) else {
         return Ok(None);
     };
-    let source = VolumeId::new(cluster, io.pool(), &parent_name(&img)?.unwrap_or_default());
+    let id = VolumeId::in_namespace(cluster, io.pool(), io.namespace(), image);
+    let source = id.sibling(&parent_name(&img)?.unwrap_or_default());
     Ok(Some(Snapshot {
-        id: SnapshotId {
-            volume: VolumeId::new(cluster, io.pool(), image),
-        },
+        id: SnapshotId { volume: id },
         source_volume: source,
         size: snap.size,
         created: img.snap_timestamp(snap.id)?,

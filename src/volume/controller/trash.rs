@@ -1,10 +1,11 @@
 //! The RBD trash as this driver uses it: a record for every image it moves there, and a purger per
-//! (cluster, pool) that removes exactly the recorded images once their deferment has ended.
+//! (cluster, pool, RADOS namespace) that removes exactly the recorded images once their deferment
+//! has ended.
 //!
 //! Names prove nothing in the trash: ceph-csi's default prefix is ours too, and people trash
 //! images by hand. So before an image goes to the trash, a record object named after its image
-//! ID is written in its pool (`rook-rbd.trash.<id>`), and only a trash entry with a record is ever
-//! removed. Why this shape, and what a crash at each step leaves behind:
+//! ID is written in its pool and namespace (`rook-rbd.trash.<id>`), and only a trash entry with a
+//! record is ever removed. Why this shape, and what a crash at each step leaves behind:
 //!
 //! - The record is written *before* the move. A crash between the two leaves a record for an
 //!   image that is still live. The purger acts only on trash entries, so that image is untouched,
@@ -308,19 +309,30 @@ fn backoff(failures: u32) -> u64 {
     (1u64 << failures.saturating_sub(1).min(16)).min(MAX_BACKOFF_SECS)
 }
 
-/// One pool's purger: a task that sleeps until the next entry is due or something wakes it.
+/// One pool's (or RADOS namespace's) purger: a task that sleeps until the next entry is due or
+/// something wakes it. Each namespace has a trash of its own.
 struct Purger {
     cluster: ClusterEntry,
     pool: String,
+    namespace: String,
+    /// `pool` or `pool/namespace`, for logs.
+    location: String,
     state: Mutex<State>,
     wake: Notify,
 }
 
-/// Every purger of this process, by (cluster, pool).
+/// (cluster, pool, namespace)
+type Key = (String, String, String);
+
+fn key(cluster: &str, pool: &str, namespace: &str) -> Key {
+    (cluster.into(), pool.into(), namespace.into())
+}
+
+/// Every purger of this process.
 pub(super) struct Trash {
     conns: Arc<ConnectionPool>,
     clusters: ClusterConfig,
-    purgers: Mutex<HashMap<(String, String), Arc<Purger>>>,
+    purgers: Mutex<HashMap<Key, Arc<Purger>>>,
 }
 
 impl Trash {
@@ -338,11 +350,12 @@ impl Trash {
         self: &Arc<Self>,
         cluster: &str,
         pool: &str,
+        namespace: &str,
         creds: &Credentials,
     ) -> Option<Arc<Purger>> {
         let entry = self.clusters.get(cluster)?.clone();
         let mut all = self.purgers.lock().unwrap();
-        let key = (cluster.to_string(), pool.to_string());
+        let key = key(cluster, pool, namespace);
         if let Some(p) = all.get(&key) {
             p.state.lock().unwrap().creds = creds.clone();
             return Some(p.clone());
@@ -350,6 +363,11 @@ impl Trash {
         let p = Arc::new(Purger {
             cluster: entry,
             pool: pool.to_string(),
+            namespace: namespace.to_string(),
+            location: match namespace {
+                "" => pool.to_string(),
+                ns => format!("{pool}/{ns}"),
+            },
             state: Mutex::new(State {
                 creds: creds.clone(),
                 entries: BTreeMap::new(),
@@ -362,14 +380,25 @@ impl Trash {
         Some(p)
     }
 
-    /// Purges what an earlier process recorded in this pool.
-    pub fn watch(self: &Arc<Self>, cluster: &str, pool: &str, creds: &Credentials) {
-        self.purger(cluster, pool, creds);
+    /// Purges what an earlier process recorded in this pool and namespace.
+    pub fn watch(
+        self: &Arc<Self>,
+        cluster: &str,
+        pool: &str,
+        namespace: &str,
+        creds: &Credentials,
+    ) {
+        self.purger(cluster, pool, namespace, creds);
     }
 
     /// An image we just recorded and trashed: purge it when its deferment ends.
-    pub fn add(self: &Arc<Self>, cluster: &str, pool: &str, creds: &Credentials, t: Trashed) {
-        let Some(p) = self.purger(cluster, pool, creds) else {
+    pub fn add(
+        self: &Arc<Self>,
+        (cluster, pool, namespace): (&str, &str, &str),
+        creds: &Credentials,
+        t: Trashed,
+    ) {
+        let Some(p) = self.purger(cluster, pool, namespace, creds) else {
             return;
         };
         p.state.lock().unwrap().entries.insert(
@@ -385,13 +414,13 @@ impl Trash {
         p.wake.notify_one();
     }
 
-    /// An image in a pool of this name was deleted (a dependent may be gone); with `rescan`, one
-    /// was recorded and trashed by a caller that only knows the pool's name.
-    pub fn poke(&self, pool: &str, rescan: bool) {
+    /// An image in a pool and namespace of these names was deleted (a dependent may be gone);
+    /// with `rescan`, one was recorded and trashed by a caller that only knows the names.
+    pub fn poke(&self, pool: &str, namespace: &str, rescan: bool) {
         let all = self.purgers.lock().unwrap();
         let mut found = false;
-        for ((_, p), purger) in all.iter() {
-            if p == pool {
+        for ((_, p, ns), purger) in all.iter() {
+            if p == pool && ns == namespace {
                 found = true;
                 let mut st = purger.state.lock().unwrap();
                 st.rescan |= rescan;
@@ -410,13 +439,18 @@ impl Trash {
 
     /// Whether this process is purging a clone of the image right now: librbd opens the parent
     /// to detach a clone, which looks like a client to a delete of that parent.
-    pub fn purging_clones_of(&self, cluster: &str, pool: &str, image_id: &str) -> bool {
+    /// Clones are made in the parent's namespace, in any pool.
+    pub fn purging_clones_of(
+        &self,
+        (cluster, pool, namespace): (&str, &str, &str),
+        image_id: &str,
+    ) -> bool {
         let parent = Some((pool.to_string(), image_id.to_string()));
         self.purgers
             .lock()
             .unwrap()
             .iter()
-            .filter(|((c, _), _)| c == cluster)
+            .filter(|((c, _, ns), _)| c == cluster && ns == namespace)
             .any(|(_, p)| {
                 p.state
                     .lock()
@@ -428,9 +462,13 @@ impl Trash {
     }
 
     /// A trashed image whose clone was just purged: if it waits for its dependents, try again.
-    fn freed(&self, cluster: &str, pool: &str, id: &str) {
-        let key = (cluster.to_string(), pool.to_string());
-        if let Some(p) = self.purgers.lock().unwrap().get(&key) {
+    fn freed(&self, (cluster, pool, namespace): (&str, &str, &str), id: &str) {
+        if let Some(p) = self
+            .purgers
+            .lock()
+            .unwrap()
+            .get(&key(cluster, pool, namespace))
+        {
             if p.state.lock().unwrap().retry(id) {
                 p.wake.notify_one();
             }
@@ -460,11 +498,11 @@ impl Purger {
         let conn = conns
             .get(&c.cluster_id, &c.monitors, &creds.user, &creds.key)
             .await?;
-        if let Some(io) = conn.cached_ioctx(&self.pool) {
+        if let Some(io) = conn.cached_ioctx(&self.pool, &self.namespace) {
             return Ok(io);
         }
-        let pool = self.pool.clone();
-        blocking(move || conn.ioctx(&pool)).await
+        let (pool, ns) = (self.pool.clone(), self.namespace.clone());
+        blocking(move || conn.ioctx_in(&pool, &ns)).await
     }
 
     /// Scans if asked, then purges every entry that is due; returns how long to sleep.
@@ -476,12 +514,12 @@ impl Purger {
         let io = match self.ioctx(&trash.conns, &creds).await {
             Ok(io) => io,
             Err(e) if e.not_found() => {
-                tracing::info!(pool = %self.pool, "pool is gone, and with it its trash");
+                tracing::info!(pool = %self.location, "pool is gone, and with it its trash");
                 self.state.lock().unwrap().entries.clear();
                 return IDLE;
             }
             Err(e) => {
-                tracing::warn!(pool = %self.pool, error = %e, "trash purge cannot reach its pool; retrying");
+                tracing::warn!(pool = %self.location, error = %e, "trash purge cannot reach its pool; retrying");
                 self.state.lock().unwrap().rescan |= rescan;
                 return Duration::from_secs(10);
             }
@@ -496,7 +534,7 @@ impl Purger {
                 Ok(found) => {
                     let mut st = self.state.lock().unwrap();
                     if !found.is_empty() {
-                        tracing::info!(pool = %self.pool, entries = found.len(), "resuming trash purges");
+                        tracing::info!(pool = %self.location, entries = found.len(), "resuming trash purges");
                     }
                     for (id, record) in found {
                         st.entries.entry(id).or_insert(Entry {
@@ -509,7 +547,7 @@ impl Purger {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(pool = %self.pool, error = %e, "scanning the trash failed; retrying");
+                    tracing::warn!(pool = %self.location, error = %e, "scanning the trash failed; retrying");
                     self.state.lock().unwrap().rescan = true;
                     return Duration::from_secs(10);
                 }
@@ -550,7 +588,7 @@ impl Purger {
             match res {
                 Ok(Purged::Done) => {
                     let parent = st.entries.remove(&id).and_then(|e| {
-                        tracing::info!(pool = %self.pool, image = %e.record.name, image.id = %id, "purged from the RBD trash");
+                        tracing::info!(pool = %self.location, image = %e.record.name, image.id = %id, "purged from the RBD trash");
                         e.record.parent
                     });
                     // The clone is gone: its parent, if we trashed it, may go too.
@@ -559,18 +597,23 @@ impl Purger {
                             st.retry(&parent);
                         } else {
                             drop(st);
-                            trash.freed(&self.cluster.cluster_id, &pool, &parent);
+                            let at = (
+                                self.cluster.cluster_id.as_str(),
+                                pool.as_str(),
+                                self.namespace.as_str(),
+                            );
+                            trash.freed(at, &parent);
                         }
                     }
                 }
                 Ok(Purged::Waiting(why)) => {
                     if st.failed(&id, now) == 1 {
-                        tracing::info!(pool = %self.pool, image.id = %id, "trashed image not purged yet: {why}");
+                        tracing::info!(pool = %self.location, image.id = %id, "trashed image not purged yet: {why}");
                     }
                 }
                 Err(e) => {
                     let n = st.failed(&id, now);
-                    tracing::warn!(pool = %self.pool, image.id = %id, attempts = n, error = %e, "trash purge failed; retrying");
+                    tracing::warn!(pool = %self.location, image.id = %id, attempts = n, error = %e, "trash purge failed; retrying");
                 }
             }
         }
@@ -587,7 +630,10 @@ impl Controller {
             tracing::info!("no --secret-dir: trash purges of an earlier process resume with the first DeleteVolume in their pool");
             return;
         };
-        for cluster in self.clusters.entries().map(|e| e.cluster_id.clone()) {
+        let entries = self.clusters.entries();
+        for (cluster, namespace) in
+            entries.map(|e| (e.cluster_id.clone(), e.rados_namespace().to_string()))
+        {
             let (this, creds) = (self.clone(), creds.clone());
             tokio::spawn(async move {
                 let mut delay = Duration::from_secs(1);
@@ -595,7 +641,7 @@ impl Controller {
                     match this.rbd_pools(&cluster, &creds).await {
                         Ok(pools) => {
                             for pool in pools {
-                                this.trash.watch(&cluster, &pool, &creds);
+                                this.trash.watch(&cluster, &pool, &namespace, &creds);
                             }
                             return;
                         }
