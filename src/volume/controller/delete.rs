@@ -2,7 +2,7 @@
 //! in the background once its deferment has ended. Also the remove-or-trash step of
 //! DeleteSnapshot, and which IDs a delete may treat as already gone.
 
-use super::trash::{record_and_trash, Trashed, Watched, IN_USE};
+use super::trash::{record_and_trash, record_object, Trashed, Watched, IN_USE};
 use super::{ignore_missing, Controller};
 use crate::ceph::pool::with_ioctx;
 use crate::ceph::{CephError, IoCtx};
@@ -103,11 +103,12 @@ impl Controller {
                     // client at once and waits out a dead one's watch), so it decides. With no
                     // deferment, removing at once is what the purge would do.
                     Err(Watched(image_id)) => {
-                        let name = id.image.clone();
-                        let r =
-                            with_ioctx(io.clone(), move |io| remove_or_record_and_trash(io, &name))
-                                .await
-                                .map_err(Error::ceph(format!("deleting image {}", id.image)))?;
+                        let (name, rid) = (id.image.clone(), image_id.clone());
+                        let r = with_ioctx(io.clone(), move |io| {
+                            remove_or_record_and_trash(io, &name, Some(&rid))
+                        })
+                        .await
+                        .map_err(Error::ceph(format!("deleting image {}", id.image)))?;
                         // While librbd waited, our purge of a clone may have come to hold it.
                         let ours = trash.purging_clones_of(at, &image_id);
                         if r.is_ok() || !ours || started.elapsed() >= OWN_PURGE_WAIT {
@@ -140,15 +141,24 @@ impl Controller {
 /// the trash to be purged once they are gone. The inner error is why it cannot go at all (a
 /// client still uses it).
 pub(super) fn remove_or_trash(io: &IoCtx, name: &str) -> Result<Result<bool, String>, CephError> {
-    Ok(remove_or_record_and_trash(io, name)?.map(|t| t.is_some()))
+    Ok(remove_or_record_and_trash(io, name, None)?.map(|t| t.is_some()))
 }
 
+/// `record_of`: the image's ID, when a delete that a kill interrupted may have left a record on
+/// it; once librbd has removed the image, nothing else would ever remove that record.
 fn remove_or_record_and_trash(
     io: &IoCtx,
     name: &str,
+    record_of: Option<&str>,
 ) -> Result<Result<Option<Trashed>, String>, CephError> {
+    let removed = || {
+        if let Some(id) = record_of {
+            io.remove_object(&record_object(id))?;
+        }
+        Ok(Ok(None))
+    };
     match io.remove_image(name) {
-        Ok(()) => Ok(Ok(None)),
+        Ok(()) => removed(),
         Err(e) if e.not_found() => Ok(Ok(None)),
         Err(e) if e.is(libc::EBUSY) => Ok(Err(IN_USE.into())),
         Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
@@ -163,7 +173,7 @@ fn remove_or_record_and_trash(
                 }
             }
             match io.remove_image(name) {
-                Ok(()) => return Ok(Ok(None)),
+                Ok(()) => return removed(),
                 Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {}
                 Err(e) if e.is(libc::EBUSY) => return Ok(Err(IN_USE.into())),
                 Err(e) => return Err(e),

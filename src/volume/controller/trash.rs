@@ -114,7 +114,7 @@ pub(super) fn record_and_trash(
 ) -> Result<Result<Option<Trashed>, Watched>, CephError> {
     // Read-only: no watch of our own, so any watcher is another client.
     let img = match io.open_image_read_only(name) {
-        Err(e) if e.not_found() => return Ok(Ok(None)),
+        Err(e) if e.not_found() => return finish_interrupted_move(io, name),
         r => r?,
     };
     let id = img.id()?;
@@ -139,6 +139,31 @@ pub(super) fn record_and_trash(
         // The move may have happened (a timeout): the record stays, a retry rewrites it.
         Err(e) => Err(e),
     }
+}
+
+/// Blocking: a move that a kill interrupted leaves its trash entry "pending moving", which
+/// librbd refuses to remove (EUCLEAN) and nothing else finishes; a move of the same name finishes
+/// it. The record was written before that move, so the entry is one to purge.
+fn finish_interrupted_move(
+    io: &IoCtx,
+    name: &str,
+) -> Result<Result<Option<Trashed>, Watched>, CephError> {
+    match io.trash_move(name) {
+        Ok(()) => {}
+        Err(e) if e.not_found() => return Ok(Ok(None)),
+        Err(e) => return Err(e),
+    }
+    tracing::info!(pool = %io.location(), image = name, "finished a trash move that was interrupted");
+    for e in io.trash_list()? {
+        if e.name != name || e.source != TRASH_SOURCE_USER {
+            continue;
+        }
+        let record = io.read_small(&record_object(&e.id))?;
+        if let Some(record) = record.and_then(|r| serde_json::from_slice::<Record>(&r).ok()) {
+            return Ok(Ok(Some(Trashed { id: e.id, record })));
+        }
+    }
+    Ok(Ok(None))
 }
 
 /// How one purge attempt ended.
