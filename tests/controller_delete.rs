@@ -68,6 +68,25 @@ async fn delete_snapshot(cl: &mut CsiClient, c: &Cluster, id: &str) -> Result<()
         .map(|_| ())
 }
 
+/// Deletes as a provisioner does: again, once a second, while the volume is in use
+/// (FailedPrecondition), for at most `limit`.
+async fn delete_while_in_use(
+    cl: &mut CsiClient,
+    c: &Cluster,
+    id: &str,
+    limit: Duration,
+) -> Result<(), tonic::Status> {
+    let start = Instant::now();
+    loop {
+        match delete(cl, c, id).await {
+            Err(e) if e.code() == Code::FailedPrecondition && start.elapsed() < limit => {
+                tokio::time::sleep(Duration::from_secs(1)).await
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Names of the images in the pool's trash.
 fn trash_names(c: &Cluster) -> Vec<String> {
     c.trash()
@@ -405,21 +424,10 @@ async fn kill_9_during_delete_then_retry_leaks_nothing() {
         let _ = call.await;
         d.restart();
         cl = d.client().await;
-        let retried = Instant::now();
-        loop {
-            match delete(&mut cl, &c, &vol).await {
-                Ok(()) => break,
-                // A kill inside librbd's open leaves the dead process's watch on the image
-                // until the OSD times it out (30 s): in use until then, as for rbd_remove. A
-                // provisioner retries this the same way.
-                Err(e)
-                    if e.code() == Code::FailedPrecondition
-                        && retried.elapsed() < Duration::from_secs(60) =>
-                {
-                    tokio::time::sleep(Duration::from_secs(1)).await
-                }
-                Err(e) => panic!("retry after a kill at {delay_ms} ms: {e:?}"),
-            }
+        // A kill inside librbd's open leaves the dead process's watch on the image until the
+        // OSD times it out (30 s): in use until then, as for rbd_remove.
+        if let Err(e) = delete_while_in_use(&mut cl, &c, &vol, Duration::from_secs(60)).await {
+            panic!("retry after a kill at {delay_ms} ms: {e:?}");
         }
         images.push(image_of(&vol));
     }
@@ -679,19 +687,9 @@ async fn a_deferred_delete_never_removes_outright_while_a_dead_clients_watch_lin
     let image = image_of(&vol);
     let id = image_id(&c, &image);
     leave_a_dead_clients_watch(&c, &image).await;
-    let start = Instant::now();
-    loop {
-        match delete(&mut cl, &c, &vol).await {
-            Ok(()) => break,
-            Err(s)
-                if s.code() == Code::FailedPrecondition
-                    && start.elapsed() < Duration::from_secs(90) =>
-            {
-                tokio::time::sleep(Duration::from_secs(1)).await
-            }
-            Err(s) => panic!("delete failed: {s:?}"),
-        }
-    }
+    delete_while_in_use(&mut cl, &c, &vol, Duration::from_secs(90))
+        .await
+        .unwrap();
     assert!(
         trash_entries(&c).contains(&(id.clone(), image)),
         "deleted by a trash move, restorable until the deferment ends"
