@@ -6,6 +6,7 @@
 # Environment:
 #   BENCH_CLUSTER_DIR   dev cluster directory (default <repo>/.dev-cluster-bench; removed at the end)
 #   BENCH_COUNT BENCH_CONCURRENCY BENCH_NODE_COUNT BENCH_LIST BENCH_RSS_CYCLES BENCH_SCENARIOS
+#   BENCH_TRASH_DEFERMENT  the driver's --trash-deferment, seconds (default 5)
 #   BENCH_JSON          result file (default <repo>/bench-results.json)
 #   BENCH_KEEP_CLUSTER=1  leave the cluster running (for repeated runs)
 set -euo pipefail
@@ -84,7 +85,8 @@ set +e
     --node-count "${BENCH_NODE_COUNT:-5}" \
     --list-volumes "${BENCH_LIST:-100}" \
     --rss-cycles "${BENCH_RSS_CYCLES:-1000,2000}" \
-    --scenarios "${BENCH_SCENARIOS:-serial,concurrent,list,node,rss}" \
+    --scenarios "${BENCH_SCENARIOS:-serial,concurrent,list,node,rss,purge}" \
+    --trash-deferment "${BENCH_TRASH_DEFERMENT:-5}" \
     --floor --cluster-config "$DIR/cluster-config.json" \
     --kubelet-dir "$WORK/kubelet" \
     --node-floor-script "$REPO/scripts/node-floor.sh" \
@@ -98,6 +100,7 @@ set +e
     --secret-dir "$WORK/secrets" \
     --kubelet-dir "$WORK/kubelet" \
     --state-dir "$WORK/kubelet/state" \
+    --trash-deferment "${BENCH_TRASH_DEFERMENT:-5}" \
     --metrics-address "127.0.0.1:$METRICS_PORT"
 rc=$?
 set -e

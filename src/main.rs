@@ -151,6 +151,10 @@ struct CsiArgs {
     /// CreateVolume calls served at once; more wait up to 20 s, then get Unavailable.
     #[arg(long, default_value_t = 32)]
     create_concurrency: usize,
+    /// Seconds a deleted volume stays in the RBD trash (restorable with `rbd trash restore`)
+    /// before the driver purges it in the background.
+    #[arg(long, default_value_t = 0)]
+    trash_deferment: u64,
 }
 
 fn init_logging(format: LogFormat) {
@@ -224,6 +228,7 @@ fn main() -> std::process::ExitCode {
                     controller_cfg: ControllerConfig {
                         max_clone_depth: a.max_clone_depth,
                         create_concurrency: a.create_concurrency,
+                        trash_deferment: Duration::from_secs(a.trash_deferment),
                         ..Default::default()
                     },
                     metrics_address: a.metrics_address,

@@ -69,6 +69,9 @@ pub async fn run(opts: DriverOptions) -> anyhow::Result<()> {
         creds.clone(),
         opts.controller_cfg.clone(),
     ));
+    if opts.controller {
+        controller.resume_purges();
+    }
     let health = Arc::new(Health::new(clusters.health_targets()));
     health.clone().spawn(pool.clone(), opts.health_interval);
 

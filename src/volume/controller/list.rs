@@ -56,32 +56,44 @@ impl Controller {
                 v.namespace.clone(),
             )]);
         }
-        let mut out = Vec::new();
         let mut ids: Vec<&ClusterEntry> = self.clusters.entries().collect();
         ids.sort_by(|a, b| a.cluster_id.cmp(&b.cluster_id));
+        let mut out = Vec::new();
         for entry in ids {
-            let conn = self.connect(&entry.cluster_id, creds).await?;
-            let raw = blocking(move || {
-                conn.mon_command(r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#)
-            })
-            .await
-            .map_err(Error::ceph("listing pools"))?;
-            let pools: Vec<serde_json::Value> = serde_json::from_slice(&raw).unwrap_or_default();
-            for p in pools {
-                let is_rbd = p
-                    .get("application_metadata")
-                    .and_then(|m| m.get("rbd"))
-                    .is_some();
-                if let (true, Some(name)) = (is_rbd, p.get("pool_name").and_then(|n| n.as_str())) {
-                    out.push((
-                        entry.cluster_id.clone(),
-                        name.to_string(),
-                        entry.rados_namespace().to_string(),
-                    ));
-                }
+            for pool in self.rbd_pools(&entry.cluster_id, creds).await? {
+                out.push((
+                    entry.cluster_id.clone(),
+                    pool,
+                    entry.rados_namespace().to_string(),
+                ));
             }
         }
         Ok(out)
+    }
+
+    /// The pools of a cluster that have the `rbd` application enabled.
+    pub(super) async fn rbd_pools(
+        &self,
+        cluster_id: &str,
+        creds: &Credentials,
+    ) -> Result<Vec<String>, Error> {
+        let conn = self.connect(cluster_id, creds).await?;
+        let raw = blocking(move || {
+            conn.mon_command(r#"{"prefix":"osd pool ls","detail":"detail","format":"json"}"#)
+        })
+        .await
+        .map_err(Error::ceph("listing pools"))?;
+        let pools: Vec<serde_json::Value> = serde_json::from_slice(&raw).unwrap_or_default();
+        Ok(pools
+            .iter()
+            .filter(|p| {
+                p.get("application_metadata")
+                    .and_then(|m| m.get("rbd"))
+                    .is_some()
+            })
+            .filter_map(|p| p.get("pool_name").and_then(|n| n.as_str()))
+            .map(str::to_string)
+            .collect())
     }
 
     pub async fn list_volumes(
@@ -159,7 +171,8 @@ impl Controller {
     }
 
     /// Bytes available for new volumes in a pool (`max_avail` from `ceph df`), or in the whole
-    /// cluster when no pool is given.
+    /// cluster when no pool is given. Deleted volumes waiting in the trash are already counted as
+    /// used: their objects stay stored until the purge, so subtracting them would count them twice.
     pub async fn capacity(&self, params: &HashMap<String, String>) -> Result<u64, Error> {
         let creds = self.creds(&HashMap::new())?;
         let ids: Vec<String> = match params.get("clusterID") {

@@ -9,7 +9,7 @@
 //! Idempotency comes from deterministic names (`naming`): a retried request finds the image it
 //! made before, and a half-made one is completed or removed. Snapshots are images of their own
 //! (a clone of the source plus one snapshot), so deleting a source never breaks its snapshots.
-//! An image that still has dependents goes to the RBD trash and is swept when they are gone.
+//! A deleted volume goes to the RBD trash and is purged in the background (`trash`).
 
 mod attach;
 mod create;
@@ -19,6 +19,7 @@ mod list;
 mod ownership;
 mod registry;
 mod snapshot;
+mod trash;
 
 pub use registry::node_object;
 
@@ -28,7 +29,6 @@ use super::{
 };
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool, Image, IoCtx};
-use delete::TrashState;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
@@ -120,6 +120,8 @@ pub struct ControllerConfig {
     pub max_clone_depth: u32,
     pub create_concurrency: usize,
     pub create_queue_timeout: Duration,
+    /// How long a deleted volume stays in the RBD trash before it is purged.
+    pub trash_deferment: Duration,
 }
 
 impl Default for ControllerConfig {
@@ -128,6 +130,7 @@ impl Default for ControllerConfig {
             max_clone_depth: 8,
             create_concurrency: 32,
             create_queue_timeout: Duration::from_secs(20),
+            trash_deferment: Duration::ZERO,
         }
     }
 }
@@ -142,10 +145,10 @@ pub struct Controller {
     cfg: ControllerConfig,
     /// Every image-name prefix this process has created with or read from a pool's record.
     prefixes: Mutex<BTreeSet<String>>,
+    /// What this driver moved to the RBD trash, and the purgers that remove it.
+    trash: Arc<trash::Trash>,
     /// (cluster, pool[/ns], prefix) known to be recorded in the pool (`ownership`).
     recorded_prefixes: Mutex<HashSet<(String, String, String)>>,
-    /// Per pool and namespace (`pool[/ns]`): whether the RBD trash may hold images of ours.
-    trash_state: Arc<Mutex<HashMap<String, TrashState>>>,
 }
 
 /// Rounds a capacity range to a whole number of MiB, honouring both limits.
@@ -211,6 +214,7 @@ impl Controller {
         let mut prefixes = BTreeSet::new();
         prefixes.insert(VOLUME_PREFIX.to_string());
         Self {
+            trash: trash::Trash::new(pool.clone(), clusters.clone()),
             clusters,
             pool,
             default_creds,
@@ -219,7 +223,6 @@ impl Controller {
             cfg,
             prefixes: Mutex::new(prefixes),
             recorded_prefixes: Default::default(),
-            trash_state: Default::default(),
         }
     }
 
