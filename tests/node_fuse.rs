@@ -490,6 +490,61 @@ async fn fuse_xfs_volume_expands_online() {
     env.assert_clean(&node);
 }
 
+/// A snapshot restored (or a volume cloned) into a larger volume brings a filesystem smaller than
+/// its device; the next stage grows it before anyone uses it (the storage e2e suite's "restoring
+/// snapshot to larger size pvc"). ext4 grows offline, so this holds without CAP_SYS_RESOURCE.
+async fn stage_grows_a_filesystem_made_on_a_smaller_volume(fs_type: &str) {
+    let Some(cluster) = cluster() else { return };
+    // mkfs.xfs wants at least 300 MiB; the image is thin.
+    let env = Env::with_size(cluster, &format!("grow-{fs_type}"), "512M");
+    let staging = env.root().join(format!("plugins/staging/grow-{fs_type}"));
+    let st = staging.to_str().unwrap();
+    let node = env.driver();
+    let access = || VolumeAccess::Mount {
+        fs_type: fs_type.into(),
+        mount_flags: vec![],
+        mkfs_options: None,
+    };
+    let n = &node;
+    let total = move || async move {
+        match n.stats("vol-g", st).await.unwrap().usage {
+            VolumeUsage::Filesystem(u) => u.bytes_total,
+            u => panic!("expected filesystem usage, got {u:?}"),
+        }
+    };
+    node.stage(env.stage_request("vol-g", &staging, access()))
+        .await
+        .unwrap();
+    std::fs::write(staging.join("kept"), b"data from before").unwrap();
+    let before = total().await;
+    node.unstage("vol-g", st).await.unwrap();
+    env.rbd(&["resize", &format!("rbd/{}", env.image), "--size", "1G"]);
+    node.stage(env.stage_request("vol-g", &staging, access()))
+        .await
+        .unwrap();
+    let after = total().await;
+    assert!(
+        after > before + (400 << 20),
+        "{fs_type} spans {before} bytes before and {after} after the volume grew to 1 GiB"
+    );
+    assert_eq!(
+        std::fs::read(staging.join("kept")).unwrap(),
+        b"data from before"
+    );
+    node.unstage("vol-g", st).await.unwrap();
+    env.assert_clean(&node);
+}
+
+#[tokio::test]
+async fn stage_grows_an_ext4_made_on_a_smaller_volume() {
+    stage_grows_a_filesystem_made_on_a_smaller_volume("ext4").await
+}
+
+#[tokio::test]
+async fn stage_grows_an_xfs_made_on_a_smaller_volume() {
+    stage_grows_a_filesystem_made_on_a_smaller_volume("xfs").await
+}
+
 #[tokio::test]
 async fn publish_of_an_unstaged_volume_is_a_failed_precondition() {
     // Needs no cluster: the state directory is empty.

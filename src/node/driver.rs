@@ -622,6 +622,9 @@ impl NodeDriver {
             Probe::Filesystem(_) => {
                 if !read_only {
                     fs::check(fs, device, t).await?;
+                    if fs == FsType::Ext4 {
+                        self.grow_to_device(fs, device, staging).await?;
+                    }
                 }
             }
             Probe::PartitionTable(pt) => {
@@ -647,7 +650,37 @@ impl NodeDriver {
         blocking_to_end("mount", self.config.command_timeout, move || {
             mount::mount_fs(&d, &s, fs.as_str(), &options)
         })
-        .await
+        .await?;
+        // xfs grows only while mounted.
+        if fs == FsType::Xfs && !read_only {
+            self.grow_to_device(fs, device, staging).await?;
+        }
+        Ok(())
+    }
+
+    /// A filesystem made on a smaller volume (a snapshot restored, or a volume cloned, into a
+    /// larger one) grows to fill its device before anyone uses it, as CSI expects of NodeStage.
+    async fn grow_to_device(
+        &self,
+        fs: FsType,
+        device: &Path,
+        staging: &Path,
+    ) -> Result<(), NodeError> {
+        let t = self.config.mkfs_timeout;
+        let (span, block) = fs::fs_span(fs, device, staging, t).await?;
+        let d = device.to_path_buf();
+        let size = blocking("device size", self.config.command_timeout, move || {
+            fs::device_size(&d)
+        })
+        .await?;
+        if !fs::needs_growth(size, span, block) {
+            return Ok(());
+        }
+        tracing::info!(device = %device.display(), fs = %fs, from = span, to = size, "growing the filesystem to fill its larger volume");
+        match fs {
+            FsType::Ext4 => fs::grow_unmounted_ext4(device, t).await,
+            FsType::Xfs => fs::expand(fs, device, staging, t).await,
+        }
     }
 
     /// Unmounts staging, unmaps, removes the state file; stops at the first failure so a retry

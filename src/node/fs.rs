@@ -183,6 +183,73 @@ pub async fn expand(
     command::run_ok(&spec, timeout).await.map(drop)
 }
 
+/// Bytes the filesystem spans, from `dumpe2fs -h` (ext4, unmounted or not) or `xfs_info` (xfs,
+/// mounted at `mount_point`), and its block size.
+pub async fn fs_span(
+    fs: FsType,
+    device: &Path,
+    mount_point: &Path,
+    timeout: Duration,
+) -> Result<(u64, u64), NodeError> {
+    let (spec, parse): (CommandSpec, fn(&str) -> Option<(u64, u64)>) = match fs {
+        FsType::Ext4 => (
+            CommandSpec::new("dumpe2fs")
+                .arg("-h")
+                .arg(device.to_string_lossy()),
+            parse_dumpe2fs,
+        ),
+        FsType::Xfs => (
+            CommandSpec::new("xfs_info").arg(mount_point.to_string_lossy()),
+            parse_xfs_info,
+        ),
+    };
+    let out = command::run_ok(&spec, timeout).await?;
+    parse(&out.stdout).ok_or_else(|| NodeError::Parse {
+        program: spec.program.clone(),
+        detail: "no block count and block size".into(),
+    })
+}
+
+fn parse_dumpe2fs(out: &str) -> Option<(u64, u64)> {
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok())
+    };
+    let (count, size) = (field("Block count:")?, field("Block size:")?);
+    Some((count * size, size))
+}
+
+/// The data section of `xfs_info`: `data     =    bsize=4096   blocks=262144, imaxpct=25`.
+fn parse_xfs_info(out: &str) -> Option<(u64, u64)> {
+    let data = out.lines().find(|l| l.trim_start().starts_with("data"))?;
+    let value = |key: &str| {
+        data.split(|c: char| c.is_whitespace() || c == ',')
+            .find_map(|w| w.strip_prefix(key)?.parse::<u64>().ok())
+    };
+    let (bsize, blocks) = (value("bsize=")?, value("blocks=")?);
+    Some((blocks * bsize, bsize))
+}
+
+/// Whether a filesystem spanning `fs_bytes` (blocks of `block` bytes) leaves at least one whole
+/// block of its device unused: a volume restored or cloned into a larger one.
+pub fn needs_growth(device_bytes: u64, fs_bytes: u64, block: u64) -> bool {
+    device_bytes.saturating_sub(fs_bytes) >= block.max(1)
+}
+
+/// An unmounted ext4 grown to its device: `resize2fs` wants a forced check first. Offline, so it
+/// needs no CAP_SYS_RESOURCE (which online ext4 growth does).
+pub async fn grow_unmounted_ext4(device: &Path, timeout: Duration) -> Result<(), NodeError> {
+    let fsck = CommandSpec::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device.to_string_lossy())
+        .to_end();
+    let out = command::run(&fsck, timeout).await?;
+    if !matches!(out.code(), Some(0..=2)) {
+        return Err(command::failed(&fsck, &out));
+    }
+    expand(FsType::Ext4, device, Path::new("/"), timeout).await
+}
+
 /// Filesystem usage of the filesystem holding `path`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct FsStats {
@@ -221,6 +288,27 @@ pub fn device_size(device: &Path) -> Result<u64, NodeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_span_of_a_filesystem_comes_from_dumpe2fs_and_xfs_info() {
+        let ext = "Filesystem volume name:   <none>\nBlock count:              262144\nReserved block count:     13107\nBlock size:               4096\n";
+        assert_eq!(parse_dumpe2fs(ext), Some((1 << 30, 4096)));
+        let xfs = "meta-data=/dev/loop0 isize=512    agcount=4, agsize=65536 blks\n         =                       sectsz=512   attr=2\ndata     =                       bsize=4096   blocks=262144, imaxpct=25\n         =                       sunit=0      swidth=0 blks\nnaming   =version 2              bsize=4096   ascii-ci=0\n";
+        assert_eq!(parse_xfs_info(xfs), Some((1 << 30, 4096)));
+        assert_eq!(parse_dumpe2fs("garbage"), None);
+        assert_eq!(parse_xfs_info("naming =version 2 bsize=4096"), None);
+    }
+
+    #[test]
+    fn only_a_whole_unused_block_asks_for_growth() {
+        assert!(needs_growth(2 << 30, 1 << 30, 4096));
+        assert!(!needs_growth((1 << 30) + 4095, 1 << 30, 4096));
+        assert!(!needs_growth(1 << 30, 1 << 30, 4096));
+        assert!(
+            !needs_growth(1 << 20, 1 << 30, 4096),
+            "a device smaller than its fs never grows it"
+        );
+    }
 
     #[test]
     fn ext4_defaults_are_lazy_and_user_options_replace_them() {
