@@ -57,6 +57,30 @@ pub fn check_capabilities(caps: &[proto::VolumeCapability]) -> Result<AccessSumm
     Ok(summary)
 }
 
+/// mkfs.xfs (xfsprogs 5.19 and later) refuses a filesystem under 300 MiB.
+const XFS_MIN_BYTES: i64 = 300 << 20;
+
+/// The required size, raised to the smallest the requested filesystem can be made on: a 1 MiB
+/// xfs volume would be provisioned and then fail every mount. OutOfRange when the limit forbids it.
+pub fn room_for_filesystem(
+    caps: &[proto::VolumeCapability],
+    required: i64,
+    limit: i64,
+) -> Result<i64, Status> {
+    let xfs = caps.iter().any(|c| {
+        matches!(&c.access_type, Some(volume_capability::AccessType::Mount(m)) if m.fs_type == "xfs")
+    });
+    if !xfs || required >= XFS_MIN_BYTES || (required == 0 && limit == 0) {
+        return Ok(required);
+    }
+    if limit != 0 && limit < XFS_MIN_BYTES {
+        return Err(Status::out_of_range(format!(
+            "an xfs volume needs at least {XFS_MIN_BYTES} bytes; limit_bytes is {limit}"
+        )));
+    }
+    Ok(XFS_MIN_BYTES)
+}
+
 pub fn check_capability(cap: &proto::VolumeCapability) -> Result<AccessSummary, Status> {
     let mode = cap
         .access_mode
@@ -160,6 +184,7 @@ impl controller_server::Controller for ControllerService {
             .capacity_range
             .map(|c| (c.required_bytes, c.limit_bytes))
             .unwrap_or((0, 0));
+        let required = room_for_filesystem(&r.volume_capabilities, required, limit)?;
         let vol = self
             .inner
             .create_volume(CreateRequest {
@@ -478,5 +503,49 @@ impl controller_server::Controller for ControllerService {
         Err(Status::unimplemented(
             "ControllerModifyVolume is not supported",
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mount(fs_type: &str) -> proto::VolumeCapability {
+        proto::VolumeCapability {
+            access_type: Some(volume_capability::AccessType::Mount(
+                volume_capability::MountVolume {
+                    fs_type: fs_type.into(),
+                    ..Default::default()
+                },
+            )),
+            access_mode: None,
+        }
+    }
+
+    #[test]
+    fn a_small_xfs_volume_is_raised_to_what_mkfs_xfs_accepts() {
+        let xfs = [mount("xfs")];
+        assert_eq!(
+            room_for_filesystem(&xfs, 1 << 20, 0).unwrap(),
+            XFS_MIN_BYTES
+        );
+        assert_eq!(
+            room_for_filesystem(&xfs, 1 << 20, 1 << 30).unwrap(),
+            XFS_MIN_BYTES
+        );
+        assert_eq!(room_for_filesystem(&xfs, 1 << 30, 0).unwrap(), 1 << 30);
+        assert_eq!(
+            room_for_filesystem(&xfs, 0, 0).unwrap(),
+            0,
+            "the default size stays"
+        );
+        let e = room_for_filesystem(&xfs, 1 << 20, 2 << 20).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange);
+        for other in [mount("ext4"), mount("")] {
+            assert_eq!(
+                room_for_filesystem(&[other], 1 << 20, 2 << 20).unwrap(),
+                1 << 20
+            );
+        }
     }
 }

@@ -191,7 +191,8 @@ pub async fn fs_span(
     mount_point: &Path,
     timeout: Duration,
 ) -> Result<(u64, u64), NodeError> {
-    let (spec, parse): (CommandSpec, fn(&str) -> Option<(u64, u64)>) = match fs {
+    type Parse = fn(&str) -> Option<(u64, u64)>;
+    let (spec, parse): (CommandSpec, Parse) = match fs {
         FsType::Ext4 => (
             CommandSpec::new("dumpe2fs")
                 .arg("-h")

@@ -209,7 +209,7 @@ impl VolumeParams {
             // librbd's default stripe unit is the object size.
             (None, Some(c)) => Some((object_bytes, c)),
             (Some(u), Some(c)) => {
-                if u > object_bytes || object_bytes % u != 0 {
+                if u > object_bytes || !object_bytes.is_multiple_of(u) {
                     return Err(Error::InvalidArgument(format!(
                         "stripeUnit {u} must divide the object size ({object_bytes} bytes)"
                     )));
