@@ -47,8 +47,10 @@ echo "processes: $procs (E2E_PROCS)"
 rc=$?
 set -e
 python3 - "$OUT/report.json" "$HERE/e2e/skip.txt" "$MODE" <<'PY'
-import json, re, sys
+import json, os, re, sys
 report, skipfile, mode = sys.argv[1:4]
+if not os.path.exists(report):
+    sys.exit(print(f"no report at {report}: the suite did not finish (see e2e.log)"))
 ours = []
 for line in open(skipfile):
     if line.strip() and not line.lstrip().startswith("#"):
