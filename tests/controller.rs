@@ -13,18 +13,9 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 #[tokio::test]
 async fn create_volume_is_idempotent_for_same_name_and_capacity() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("idem");
@@ -92,7 +83,7 @@ async fn create_volume_is_idempotent_for_same_name_and_capacity() {
 
 #[tokio::test]
 async fn capacity_is_rounded_up_to_whole_mib() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let v = cl
@@ -124,7 +115,7 @@ async fn capacity_is_rounded_up_to_whole_mib() {
 
 #[tokio::test]
 async fn concurrent_creates_of_one_name_make_exactly_one_image() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let cl = d.client().await;
     let name = unique("race");
@@ -174,7 +165,7 @@ async fn concurrent_creates_of_one_name_make_exactly_one_image() {
 /// temporary snapshot left, nothing in the trash.
 #[tokio::test]
 async fn kill_9_during_create_then_retry_leaks_nothing() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let src = cl
@@ -282,7 +273,7 @@ fn claim_left(c: &Cluster, image: &str) -> bool {
 /// every retry of the same request answers with the same volume, and another source is refused.
 #[tokio::test]
 async fn a_flattened_clone_answers_every_retry_and_still_refuses_another_source() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller", "--max-clone-depth", "0"]);
     let mut cl = d.client().await;
     let a = create_volume(&mut cl, create_req(&c, &unique("flat-a"), 16 * MIB)).await;
@@ -316,7 +307,7 @@ async fn a_flattened_clone_answers_every_retry_and_still_refuses_another_source(
 /// is refused and left as it is.
 #[tokio::test]
 async fn a_clone_cut_off_before_its_parent_was_attached_is_made_again_by_the_retry() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let a = create_volume(&mut cl, create_req(&c, &unique("cut-a"), 16 * MIB)).await;
@@ -380,7 +371,7 @@ async fn a_clone_cut_off_before_its_parent_was_attached_is_made_again_by_the_ret
 
 #[tokio::test]
 async fn delete_is_idempotent_and_ignores_unknown_ids() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let v = cl
@@ -426,7 +417,7 @@ async fn delete_is_idempotent_and_ignores_unknown_ids() {
 
 #[tokio::test]
 async fn delete_of_a_watched_image_is_refused_with_failed_precondition() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let v = cl
@@ -494,7 +485,7 @@ async fn delete_of_a_watched_image_is_refused_with_failed_precondition() {
 
 #[tokio::test]
 async fn snapshots_outlive_their_source_and_everything_is_swept_at_the_end() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let src = cl
@@ -595,7 +586,7 @@ async fn snapshots_outlive_their_source_and_everything_is_swept_at_the_end() {
 
 #[tokio::test]
 async fn a_single_node_volume_cannot_be_published_to_a_second_node() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let (a, b) = (unique("node-a"), unique("node-b"));
@@ -706,7 +697,7 @@ async fn a_single_node_volume_cannot_be_published_to_a_second_node() {
 
 #[tokio::test]
 async fn bad_input_gets_precise_codes_and_never_leaks_the_key() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let tried = std::sync::Mutex::new(Vec::<String>::new());
@@ -991,7 +982,7 @@ async fn probe_tells_the_truth_and_the_driver_recovers_when_the_cluster_returns(
 /// inherit the source's attachment and so be fenced to the source's node.
 #[tokio::test]
 async fn a_clone_of_a_published_volume_is_not_attached_anywhere() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let (a, b) = (unique("clone-node-a"), unique("clone-node-b"));
@@ -1100,7 +1091,7 @@ async fn a_clone_of_a_published_volume_is_not_attached_anywhere() {
 
 #[tokio::test]
 async fn a_storage_class_without_cluster_id_uses_the_only_configured_cluster() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let mut req = create_req(&c, &unique("nocluster"), 16 * MIB);

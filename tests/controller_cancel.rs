@@ -16,15 +16,6 @@ const MIB: i64 = 1 << 20;
 const DATA_MIB: i64 = 256;
 const CLIENT_DEADLINE: Duration = Duration::from_millis(300);
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 /// A volume whose first `DATA_MIB` MiB are really written, so a flatten of a clone copies them.
 async fn volume_with_data(c: &Cluster, cl: &mut rook_rbd::client::CsiClient) -> String {
     let v = create_volume(cl, create_req(c, &unique("cancel-src"), DATA_MIB * MIB)).await;
@@ -96,7 +87,7 @@ where
 
 #[tokio::test]
 async fn an_abandoned_clone_keeps_its_key_until_its_flatten_is_over() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     // Every clone is flattened: the work goes on long after the client's deadline.
     let d = Driver::start(&c, &["--controller", "--max-clone-depth", "0"]);
     let mut cl = d.client().await;
@@ -128,7 +119,7 @@ async fn an_abandoned_clone_keeps_its_key_until_its_flatten_is_over() {
 
 #[tokio::test]
 async fn an_abandoned_snapshot_keeps_its_key_until_its_flatten_is_over() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller", "--max-clone-depth", "0"]);
     let mut cl = d.client().await;
     let src = volume_with_data(&c, &mut cl).await;

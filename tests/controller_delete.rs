@@ -12,15 +12,6 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 async fn create(cl: &mut CsiClient, c: &Cluster, name: &str) -> String {
     cl.controller
         .create_volume(create_req(c, name, 16 * MIB))
@@ -172,7 +163,7 @@ impl Drop for Foreign<'_> {
 /// deletes with dependents (which trash our own images), deletes that free them, and restarts.
 #[tokio::test]
 async fn foreign_trash_entries_survive_every_sweep() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let foreign = Foreign::trash(&c);
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
@@ -231,7 +222,7 @@ fn typo_config(c: &Cluster) -> (tempfile::TempDir, Cluster) {
 /// until the config is fixed). Malformed IDs and missing pools still succeed.
 #[tokio::test]
 async fn delete_of_a_volume_in_an_unknown_cluster_fails_closed() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let good = Driver::start(&c, &["--controller"]);
     let mut gcl = good.client().await;
     let vol = create(&mut gcl, &c, &unique("typo")).await;
@@ -355,7 +346,7 @@ async fn purged(c: &Cluster, images: &[String]) -> bool {
 /// the deferment ends, and then goes, with its record.
 #[tokio::test]
 async fn a_deleted_volume_waits_in_the_trash_until_its_deferment_ends_then_goes() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let deferment = Duration::from_secs(8);
     let d = Driver::start(&c, &["--controller", "--trash-deferment", "8"]);
     let mut cl = d.client().await;
@@ -383,7 +374,7 @@ async fn a_deleted_volume_waits_in_the_trash_until_its_deferment_ends_then_goes(
 /// with no new delete to remind it.
 #[tokio::test]
 async fn purges_resume_after_a_kill_9() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut d = Driver::start(&c, &["--controller", "--trash-deferment", "3"]);
     let mut cl = d.client().await;
     let mut images = Vec::new();
@@ -406,7 +397,7 @@ async fn purges_resume_after_a_kill_9() {
 /// hand-trashed images beside them are untouched.
 #[tokio::test]
 async fn kill_9_during_delete_then_retry_leaks_nothing() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let foreign = Foreign::trash(&c);
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
@@ -443,7 +434,7 @@ async fn kill_9_during_delete_then_retry_leaks_nothing() {
 /// never the trashed one, and ListVolumes shows only the live one.
 #[tokio::test]
 async fn a_name_is_free_again_as_soon_as_its_volume_is_deleted() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller", "--trash-deferment", "3"]);
     let mut cl = d.client().await;
     let name = unique("reuse");
@@ -496,7 +487,7 @@ async fn capacity(cl: &mut CsiClient, c: &Cluster) -> i64 {
 /// back only after the purge.
 #[tokio::test]
 async fn capacity_counts_a_deleted_volume_as_used_until_it_is_purged() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let deferment = Duration::from_secs(20);
     let d = Driver::start(&c, &["--controller", "--trash-deferment", "20"]);
     let mut cl = d.client().await;
@@ -581,7 +572,7 @@ fn put_record(c: &Cluster, id: &str, name: &str) {
 /// record whose name is not the trash entry's is not ours and moves nothing.
 #[tokio::test]
 async fn a_record_without_its_trash_entry_removes_nothing() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let live = create(&mut cl, &c, &unique("rec-live")).await;
@@ -640,7 +631,7 @@ async fn leave_a_dead_clients_watch(c: &Cluster, image: &str) {
 /// of the source right after its clones must wait for those purges, not call the source in use.
 #[tokio::test]
 async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let src = create(&mut cl, &c, &unique("clonesrc")).await;
@@ -655,15 +646,7 @@ async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() 
                 },
             )),
         });
-        let id = cl
-            .controller
-            .create_volume(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
+        let id = create_volume(&mut cl, req).await.volume_id;
         images.push(image_of(&id));
         clones.push(id);
     }
@@ -680,7 +663,7 @@ async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() 
 /// waits in the trash, restorable, like any other.
 #[tokio::test]
 async fn a_deferred_delete_never_removes_outright_while_a_dead_clients_watch_lingers() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller", "--trash-deferment", "600"]);
     let mut cl = d.client().await;
     let vol = create(&mut cl, &c, &unique("deadwatch")).await;

@@ -12,15 +12,6 @@ use tonic::Code;
 const MIB: i64 = 1 << 20;
 const NAME_KEY: &str = "rook-rbd.name";
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 fn meta(c: &Cluster, image: &str, key: &str) -> Option<String> {
     let out = std::process::Command::new("rbd")
         .arg("-c")
@@ -35,7 +26,7 @@ fn meta(c: &Cluster, image: &str, key: &str) -> Option<String> {
 
 #[tokio::test]
 async fn every_volume_clone_and_snapshot_carries_the_name_that_made_it() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("mark");
@@ -94,7 +85,7 @@ async fn every_volume_clone_and_snapshot_carries_the_name_that_made_it() {
 /// Makes `name`'s image by hand, as another driver sharing the pool would, with one piece of
 /// metadata, then asks this driver for `name`: it must refuse, and leave the image as it was.
 async fn refused_over_a_foreign_image(prefix: &str, key: &str, value: &str) {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique(prefix);
@@ -136,7 +127,7 @@ async fn create_refuses_an_unmarked_image_that_names_another_pv() {
 /// came along) has no mark and nothing that contradicts it: it is adopted, and marked.
 #[tokio::test]
 async fn an_unmarked_image_with_nothing_against_it_is_adopted_and_marked() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("old-driver");
@@ -150,7 +141,7 @@ async fn an_unmarked_image_with_nothing_against_it_is_adopted_and_marked() {
 
 #[tokio::test]
 async fn create_snapshot_refuses_a_snapshot_image_marked_with_another_name() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let src = create_volume(
@@ -198,7 +189,7 @@ async fn create_snapshot_refuses_a_snapshot_image_marked_with_another_name() {
 
 #[tokio::test]
 async fn a_volume_with_a_custom_prefix_is_still_listed_after_a_driver_restart() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let prefix = format!("pfx{}-", std::process::id());

@@ -14,15 +14,6 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 fn ceph(c: &Cluster, args: &[&str]) -> String {
     c.ceph(args).trim().to_string()
 }
@@ -111,7 +102,7 @@ async fn volume_with_data(c: &Cluster, cl: &mut rook_rbd::client::CsiClient) -> 
 
 #[tokio::test]
 async fn a_clone_whose_flatten_fails_gets_a_retryable_code_and_the_retry_completes_it() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let user = NoDataWrites::new(&c);
     let d = Driver::start(&c, &["--controller", "--max-clone-depth", "0"]);
     let mut cl = d.client().await;
@@ -148,7 +139,7 @@ async fn a_clone_whose_flatten_fails_gets_a_retryable_code_and_the_retry_complet
 
 #[tokio::test]
 async fn a_snapshot_whose_flatten_fails_gets_a_retryable_code_and_the_retry_completes_it() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let user = NoDataWrites::new(&c);
     let d = Driver::start(&c, &["--controller", "--max-clone-depth", "0"]);
     let mut cl = d.client().await;
@@ -193,7 +184,7 @@ async fn a_snapshot_whose_flatten_fails_gets_a_retryable_code_and_the_retry_comp
 /// Before anything is made, a refusal stays final: the caller must not retry what cannot work.
 #[tokio::test]
 async fn a_user_that_may_not_create_gets_a_final_code_and_nothing_is_made() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let name = unique("readonly");

@@ -11,15 +11,6 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 fn publish_req(
     c: &Cluster,
     volume_id: &str,
@@ -74,7 +65,7 @@ async fn delete(cl: &mut CsiClient, c: &Cluster, volume_id: &str) {
 /// and the other gets FailedPrecondition.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn racing_controllers_publish_a_single_node_volume_to_exactly_one_node() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d1 = Driver::start(&c, &["--controller"]);
     let d2 = Driver::start(&c, &["--controller"]);
     let (mut cl1, mut cl2) = (d1.client().await, d2.client().await);
@@ -144,7 +135,7 @@ async fn racing_controllers_publish_a_single_node_volume_to_exactly_one_node() {
 /// fences, and the first write moves it to the header attribute.
 #[tokio::test]
 async fn a_record_in_image_metadata_from_an_earlier_version_fences_and_moves_on_first_write() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let (a, b) = (unique("old-a"), unique("old-b"));
@@ -483,7 +474,7 @@ impl Drop for NodePlugin {
 /// holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn node_stage_of_a_single_node_volume_is_refused_while_another_client_watches_it() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let ctl = Driver::start(&c, &["--controller"]);
     let mut cl = ctl.client().await;
     let node = NodePlugin::start(&c, "stage-check").await;
@@ -556,7 +547,7 @@ fn keep_writing(dev: PathBuf, stop: Arc<AtomicBool>) -> mpsc::Receiver<Wrote> {
 /// its NodeUnstage lifts the blocklist entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_force_moved_single_node_volume_fences_the_old_nodes_writes() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let ctl = Driver::start(&c, &["--controller"]);
     let mut cl = ctl.client().await;
     let a = NodePlugin::start(&c, "lost-a").await;

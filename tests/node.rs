@@ -26,15 +26,6 @@ const MIB: i64 = 1 << 20;
 /// Generous bound for calls that may run mkfs/fsck or start rbd-fuse on a shared machine.
 const SLOW: u64 = 180;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 // ------------------------------------------------------------------------------- helpers
 
 /// Awaits `fut`, failing the test if it takes longer than `secs`.
@@ -634,7 +625,7 @@ impl Drop for Env {
 
 #[tokio::test]
 async fn data_survives_unstage_and_restage() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let v = env.create("restage", 64 * MIB, cap.clone()).await;
@@ -666,7 +657,7 @@ async fn data_survives_unstage_and_restage() {
 
 #[tokio::test]
 async fn online_expansion_is_visible_inside_the_filesystem() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     // mkfs.xfs wants at least 300 MiB (the image is thin). ext4 cannot grow online in this
     // sandbox (no CAP_SYS_RESOURCE), xfs can.
@@ -767,7 +758,7 @@ async fn online_expansion_is_visible_inside_the_filesystem() {
 
 #[tokio::test]
 async fn raw_block_volume_round_trip() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = block_cap();
     let size = 64 * MIB;
@@ -832,7 +823,7 @@ async fn raw_block_volume_round_trip() {
 
 #[tokio::test]
 async fn published_mounts_survive_a_kill_9_of_the_plugin_and_cleanup_works_after_restart() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let v = env.create("kill9", 64 * MIB, cap.clone()).await;
@@ -868,7 +859,7 @@ async fn published_mounts_survive_a_kill_9_of_the_plugin_and_cleanup_works_after
 
 #[tokio::test]
 async fn path_traversal_is_rejected() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let root = env.root();
@@ -1004,7 +995,7 @@ async fn path_traversal_is_rejected() {
 
 #[tokio::test]
 async fn a_second_single_node_writer_publish_to_another_node_is_refused() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = cap_with_mode(false, Mode::SingleNodeWriter);
     let other = unique("other-node");
@@ -1043,7 +1034,7 @@ async fn a_second_single_node_writer_publish_to_another_node_is_refused() {
 
 #[tokio::test]
 async fn stats_report_an_abnormal_condition_when_the_mapping_is_gone() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let v = env.create("dead", 64 * MIB, cap.clone()).await;
@@ -1101,7 +1092,7 @@ async fn stats_report_an_abnormal_condition_when_the_mapping_is_gone() {
 /// somewhere else: the mount must not land outside.
 #[tokio::test]
 async fn a_symlink_under_the_kubelet_dir_does_not_carry_a_mount_outside() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let root = env.root();
@@ -1220,7 +1211,7 @@ where
 /// filesystem that fsck accepts, made by exactly one mkfs.
 #[tokio::test]
 async fn a_stage_retried_while_its_slow_mkfs_runs_is_aborted_until_the_first_finishes() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     // mkfs.ext4 waits for a gate file the test opens: slow for as long as the test wants.
     let tools = tempfile::tempdir().unwrap();
     let gate = tools.path().join("gate");
@@ -1324,7 +1315,7 @@ async fn a_stage_retried_while_its_slow_mkfs_runs_is_aborted_until_the_first_fin
 /// staging state and mapping, and succeeds once rbd-fuse is back; the data is on the image.
 #[tokio::test]
 async fn unstage_against_a_hung_rbd_fuse_keeps_the_volume_staged_until_its_data_is_written() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let mut env = Env::start(c).await;
     let cap = mount_cap();
     let v = env.create("hung", 64 * MIB, cap.clone()).await;

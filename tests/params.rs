@@ -14,15 +14,6 @@ use tonic::Code;
 
 const MIB: i64 = 1 << 20;
 
-macro_rules! cluster_or_return {
-    () => {
-        match cluster() {
-            Some(c) => c,
-            None => return,
-        }
-    };
-}
-
 /// `rbd info --format json` of an image spec.
 fn info(c: &Cluster, spec: &str) -> serde_json::Value {
     serde_json::from_str(&c.rbd(&["info", "--format", "json", spec])).unwrap()
@@ -30,7 +21,7 @@ fn info(c: &Cluster, spec: &str) -> serde_json::Value {
 
 #[tokio::test]
 async fn unimplemented_ceph_csi_parameters_are_refused_by_name_and_make_no_image() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     for (key, value) in [
@@ -68,7 +59,7 @@ async fn unimplemented_ceph_csi_parameters_are_refused_by_name_and_make_no_image
 
 #[tokio::test]
 async fn striping_parameters_shape_the_image() {
-    let c = cluster_or_return!();
+    let Some(c) = cluster() else { return };
     let d = Driver::start(&c, &["--controller"]);
     let mut cl = d.client().await;
     let mut req = create_req(&c, &unique("striped"), 64 * MIB);
@@ -266,7 +257,8 @@ async fn delete(cl: &mut rook_rbd::client::CsiClient, c: &Cluster, volume_id: &s
 
 #[tokio::test]
 async fn a_cluster_entry_with_a_rados_namespace_keeps_every_image_and_the_node_registry_there() {
-    let mut ns = Namespace::create(cluster_or_return!());
+    let Some(c) = cluster() else { return };
+    let mut ns = Namespace::create(c);
     let config = ns.ns_config("config.json");
     let node = unique("nsnode");
     ns.nodes.push(node.clone());
@@ -462,7 +454,8 @@ async fn a_cluster_entry_with_a_rados_namespace_keeps_every_image_and_the_node_r
 
 #[tokio::test]
 async fn a_volume_keeps_its_namespace_when_the_cluster_config_changes() {
-    let ns = Namespace::create(cluster_or_return!());
+    let Some(c) = cluster() else { return };
+    let ns = Namespace::create(c);
     let c = cluster().unwrap();
     // One config file, rewritten between driver restarts.
     let plain = ns.config("config.json", serde_json::json!({}));
