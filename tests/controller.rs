@@ -496,19 +496,7 @@ async fn snapshots_outlive_their_source_and_everything_is_swept_at_the_end() {
         .into_inner()
         .volume
         .unwrap();
-    let snap = cl
-        .controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: src.volume_id.clone(),
-            name: unique("snap"),
-            secrets: c.secrets(),
-            parameters: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = create_snapshot(&c, &mut cl, &src.volume_id, &unique("snap")).await;
     assert_eq!(snap.source_volume_id, src.volume_id);
     assert!(snap.ready_to_use);
     // The source can go while the snapshot stays.
@@ -1022,19 +1010,7 @@ async fn a_clone_of_a_published_volume_is_not_attached_anywhere() {
         .into_inner()
         .volume
         .unwrap();
-    let snap = cl
-        .controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: src.volume_id.clone(),
-            name: unique("clone-snap"),
-            secrets: c.secrets(),
-            parameters: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = create_snapshot(&c, &mut cl, &src.volume_id, &unique("clone-snap")).await;
     let got = cl
         .controller
         .controller_get_volume(proto::ControllerGetVolumeRequest {

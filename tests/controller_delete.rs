@@ -24,18 +24,8 @@ async fn create(cl: &mut CsiClient, c: &Cluster, name: &str) -> String {
 }
 
 async fn snapshot(cl: &mut CsiClient, c: &Cluster, source: &str) -> String {
-    cl.controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: source.into(),
-            name: unique("del-snap"),
-            secrets: c.secrets(),
-            parameters: Default::default(),
-        })
+    create_snapshot(c, cl, source, &unique("del-snap"))
         .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap()
         .snapshot_id
 }
 
@@ -639,13 +629,7 @@ async fn a_source_deletes_after_its_clones_while_a_dead_clients_watch_lingers() 
     let mut clones = Vec::new();
     for i in 0..2 {
         let mut req = create_req(&c, &unique(&format!("clone{i}")), 16 * MIB);
-        req.volume_content_source = Some(proto::VolumeContentSource {
-            r#type: Some(proto::volume_content_source::Type::Volume(
-                proto::volume_content_source::VolumeSource {
-                    volume_id: src.clone(),
-                },
-            )),
-        });
+        req.volume_content_source = volume_source(&src);
         let id = create_volume(&mut cl, req).await.volume_id;
         images.push(image_of(&id));
         clones.push(id);

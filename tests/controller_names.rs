@@ -59,19 +59,7 @@ async fn every_volume_clone_and_snapshot_carries_the_name_that_made_it() {
     );
 
     let snap_name = unique("mark-snap");
-    let s = cl
-        .controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: v.volume_id.clone(),
-            name: snap_name.clone(),
-            secrets: c.secrets(),
-            parameters: Default::default(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let s = create_snapshot(&c, &mut cl, &v.volume_id, &snap_name).await;
     assert_eq!(
         meta(&c, &image_of(&s.snapshot_id), NAME_KEY),
         Some(snap_name)

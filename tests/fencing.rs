@@ -297,14 +297,7 @@ async fn create_block(cl: &mut CsiClient, c: &Cluster, prefix: &str) -> String {
     let mut req = create_req(c, &unique(prefix), 16 * MIB);
     req.volume_capabilities = vec![cap_with_mode(true, Mode::SingleNodeWriter)];
     req.parameters.insert("mounter".into(), "fuse".into());
-    cl.controller
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id
+    create_volume(cl, req).await.volume_id
 }
 
 /// rbd-fuse processes whose command line mentions `root` (each node plugin's own).

@@ -387,19 +387,7 @@ async fn a_cluster_entry_with_a_rados_namespace_keeps_every_image_and_the_node_r
         "ListVolumes misses {}",
         v.volume_id
     );
-    let snap = cl
-        .controller
-        .create_snapshot(proto::CreateSnapshotRequest {
-            source_volume_id: v.volume_id.clone(),
-            name: unique("nssnap"),
-            secrets: c.secrets(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .snapshot
-        .unwrap();
+    let snap = create_snapshot(&c, &mut cl, &v.volume_id, &unique("nssnap")).await;
     let snap_image = image_of(&snap.snapshot_id);
     assert!(ns.images().contains(&snap_image), "{:?}", ns.images());
     let snaps = cl

@@ -302,6 +302,27 @@ pub async fn create_volume(cl: &mut CsiClient, req: proto::CreateVolumeRequest) 
 }
 
 /// DeleteVolume that must succeed.
+/// CreateSnapshot of `source` named `name`, which must succeed.
+pub async fn create_snapshot(
+    c: &Cluster,
+    cl: &mut CsiClient,
+    source: &str,
+    name: &str,
+) -> proto::Snapshot {
+    cl.controller
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: source.into(),
+            name: name.into(),
+            secrets: c.secrets(),
+            parameters: Default::default(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap()
+}
+
 pub async fn delete_volume(c: &Cluster, cl: &mut CsiClient, volume_id: &str) {
     cl.controller
         .delete_volume(proto::DeleteVolumeRequest {
