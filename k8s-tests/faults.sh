@@ -7,27 +7,9 @@
 #   3. the Ceph OSD is stopped for 60 s: PVCs pend (with events saying why), then bind once it
 #      is back, with no restart of anything of ours.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$HERE/.." && pwd)
-eval "$("$HERE/cluster.sh" env)"
-CEPH=$E2E_RUN/ceph
-k() { "$HERE/cluster.sh" kubectl "$@"; }
-rbd_() { "$HERE/cluster.sh" exec rbd -c "$CEPH/ceph.conf" "$@"; }
-ceph_() { "$HERE/cluster.sh" exec ceph -c "$CEPH/ceph.conf" "$@"; }
-T0=$SECONDS
-STEP_T=$SECONDS
-step() {
-  printf '[faults %5ss] (+%ss) %s\n' "$((SECONDS - T0))" "$((SECONDS - STEP_T))" "$*"
-  STEP_T=$SECONDS
-}
-fail() {
-  echo "[faults] FAILED: $*" >&2
-  k get pods -A -o wide >&2 || true
-  k -n rook-rbd logs -l app.kubernetes.io/component=node --tail=60 >&2 || true
-  k -n rook-rbd logs -l app.kubernetes.io/component=controller -c rook-rbd --tail=60 >&2 || true
-  k get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -30 >&2 || true
-  exit 1
-}
+TAG=faults
+# shellcheck source=k8s-tests/lib.sh
+source "$(dirname "$0")/lib.sh"
 NS=faults
 k create namespace "$NS" >/dev/null
 pvc() { # name

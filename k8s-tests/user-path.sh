@@ -5,26 +5,9 @@
 # pods on the node, and finally nothing left in Ceph.
 # Needs a cluster from k8s-tests/cluster.sh (with images imported). Usage: user-path.sh
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-REPO=$(cd "$HERE/.." && pwd)
-eval "$("$HERE/cluster.sh" env)"
-CEPH=$E2E_RUN/ceph
-k() { "$HERE/cluster.sh" kubectl "$@"; }
-rbd_() { "$HERE/cluster.sh" exec rbd -c "$CEPH/ceph.conf" "$@"; }
-T0=$SECONDS
-STEP_T=$SECONDS
-step() {
-  printf '[user-path %5ss] (+%ss) %s\n' "$((SECONDS - T0))" "$((SECONDS - STEP_T))" "$*"
-  STEP_T=$SECONDS
-}
-fail() {
-  echo "[user-path] FAILED: $*" >&2
-  k get pods -A -o wide >&2 || true
-  k -n rook-rbd logs -l app.kubernetes.io/component=controller -c rook-rbd --tail=40 >&2 || true
-  k -n rook-rbd logs -l app.kubernetes.io/component=node --tail=40 >&2 || true
-  k get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -30 >&2 || true
-  exit 1
-}
+TAG=user-path
+# shellcheck source=k8s-tests/lib.sh
+source "$(dirname "$0")/lib.sh"
 NS=user-path
 
 # A pod on busybox that runs a shell snippet against the PVC at /data (or /dev/xvda for block).
