@@ -116,6 +116,32 @@ impl Cluster {
             .collect()
     }
 
+    /// Waits until none of `images` (image names) is in the pool or its trash, for at most
+    /// `limit`; returns the lines of those still there.
+    ///
+    /// Give it a minute when a driver was killed in the test run: the purger of every driver on
+    /// the pool resumes every recorded entry, so a purge that a kill -9 interrupted (in this test or
+    /// a concurrent one) leaves that image watched by a dead client until the OSD drops the watch
+    /// (`osd_client_watch_timeout`, 30 s), and no purge can remove it before.
+    pub async fn left_of(&self, images: &[String], limit: Duration) -> Vec<String> {
+        let start = std::time::Instant::now();
+        loop {
+            let left: Vec<String> = self
+                .images()
+                .into_iter()
+                .chain(self.trash())
+                .filter(|l| {
+                    let name = l.split_whitespace().last().unwrap_or_default();
+                    images.iter().any(|i| i == name)
+                })
+                .collect();
+            if left.is_empty() || start.elapsed() >= limit {
+                return left;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Snapshots of every namespace (user, trash) on an image.
     pub fn all_snaps(&self, image: &str) -> String {
         self.rbd(&["snap", "ls", "--all", &format!("rbd/{image}")])
