@@ -56,7 +56,7 @@ for line in open(skipfile):
     if line.strip() and not line.lstrip().startswith("#"):
         rx, _, why = line.rstrip("\n").partition("\t")
         ours.append((re.compile(rx), why.strip()))
-counts, failed, skipped = {}, [], []
+counts, failed, skipped, ran = {}, [], [], []
 for suite in json.load(open(report)):
     for spec in suite.get("SpecReports") or []:
         if spec.get("LeafNodeType") != "It":
@@ -66,6 +66,8 @@ for suite in json.load(open(report)):
             continue
         state = spec.get("State")
         counts[state] = counts.get(state, 0) + 1
+        if state != "skipped":
+            ran.append((spec.get("RunTime", 0) / 1e9, state, name))
         if state in ("failed", "panicked", "timedout", "aborted", "interrupted"):
             failed.append(name + "\n      " + ((spec.get("Failure") or {}).get("Message", "")[:400]).replace("\n", "\n      "))
         elif state == "skipped":
@@ -86,6 +88,11 @@ for why in sorted(by):
     if not why.startswith("ours: not in the CI subset"):
         for n in sorted(by[why])[:200]:
             print(f"         {n}")
+# Where the suite's time goes: what to look at first when it no longer fits CI's budget.
+ran.sort(reverse=True)
+print(f"slowest specs (of {len(ran)} run, {sum(r[0] for r in ran):.0f} s of spec time in all):")
+for secs, state, name in ran[:15]:
+    print(f"  {secs:6.0f} s  {state:8s} {name}")
 for f in failed:
     print("FAILED: " + f)
 print("spec states:", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))

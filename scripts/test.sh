@@ -20,6 +20,22 @@ cleanup() {
   exit $rc
 }
 
+# The Kubernetes binaries (tools.sh: cached, a few `test -x`; cold, the longest build of the run)
+# build in the background from the start, at nice 19, in the CPU time the Rust build and the
+# integration tests leave idle. The operator tests wait for them, then the e2e stage uses them.
+tools_log=$(mktemp)
+setsid bash k8s-tests/tools.sh build >"$tools_log" 2>&1 &
+tools_pid=$!
+stop_tools() { kill -- -"$tools_pid" 2>/dev/null || true; rm -f "$tools_log"; }
+trap stop_tools EXIT
+wait_tools() {
+  local t=$SECONDS rc=0
+  wait "$tools_pid" || rc=$?
+  cat "$tools_log"; rm -f "$tools_log"
+  ((rc == 0)) || { echo "building the Kubernetes binaries failed (above)"; exit 1; }
+  echo "waited $((SECONDS - t)) s for them"
+}
+
 step "lint"
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
@@ -30,26 +46,34 @@ cargo build --locked --all-targets
 step "unit tests"
 cargo test --locked --lib --bins
 
-# --- operator, tier 1: a real etcd + kube-apiserver on 127.0.0.1 (tests/apiserver) -----------
-# tools.sh build is a few `test -x` once the pinned binaries are cached; the tests fail, not skip,
-# without them. Each test binary kills its daemons and removes its state at exit: in a TMPDIR of
-# this run's own, no process may name it and nothing may be left in it.
-step "operator tests against a real kube-apiserver + etcd"
-bash k8s-tests/tools.sh build
+step "dev cluster"
+trap 'stop_tools; cleanup' EXIT
+bash scripts/ceph-dev.sh up "$CEPH_DEV_DIR"
+
+# Every tests/*.rs is a test binary; operator_* run in their own step below.
+operator_tests=() integration_tests=()
+for f in tests/*.rs; do
+  t=$(basename "$f" .rs)
+  if [[ $t == operator_* ]]; then operator_tests+=("$t"); else integration_tests+=("$t"); fi
+done
+step "integration tests against the real cluster"
+ROOK_RBD_TEST_CEPH_DIR=$CEPH_DEV_DIR cargo test --locked \
+  $(for t in "${integration_tests[@]}"; do printf -- '--test %s ' "$t"; done) -- --test-threads=2
+
+# --- operator, tier 1: a real etcd + kube-apiserver on 127.0.0.1 (tests/apiserver), and the dev
+# cluster for the pools. The tests fail, not skip, without the apiserver binaries. Each test binary
+# kills its daemons and removes its state at exit: in a TMPDIR of this run's own, no process may
+# name it and nothing may be left in it.
+step "operator tests against a real kube-apiserver + etcd (Kubernetes binaries: tools.sh)"
+wait_tools
 op_tmp=$(mktemp -d)
-TMPDIR=$op_tmp ROOK_RBD_REQUIRE_APISERVER=1 cargo test --locked --test 'operator_*'
+TMPDIR=$op_tmp ROOK_RBD_REQUIRE_APISERVER=1 ROOK_RBD_TEST_CEPH_DIR=$CEPH_DEV_DIR \
+  cargo test --locked $(for t in "${operator_tests[@]}"; do printf -- '--test %s ' "$t"; done)
 if pgrep -af -- "$op_tmp" || [[ -n $(ls -A "$op_tmp") ]]; then
   echo "left behind by the operator tests (above, and in $op_tmp):"; ls -A "$op_tmp"; exit 1
 fi
 rmdir "$op_tmp"; echo "no apiserver or etcd left"
 # --- end operator ---------------------------------------------------------------------------
-
-step "dev cluster"
-trap cleanup EXIT
-bash scripts/ceph-dev.sh up "$CEPH_DEV_DIR"
-
-step "integration tests against the real cluster"
-ROOK_RBD_TEST_CEPH_DIR=$CEPH_DEV_DIR cargo test --locked --test '*' -- --test-threads=2
 
 step "interop: grpcio and grpcurl"
 bash tests/interop/run.sh
