@@ -6,6 +6,9 @@
 # Environment:
 #   BENCH_CLUSTER_DIR   dev cluster directory (default <repo>/.dev-cluster-bench; removed at the end)
 #   BENCH_COUNT BENCH_CONCURRENCY BENCH_NODE_COUNT BENCH_LIST BENCH_RSS_CYCLES BENCH_SCENARIOS
+#   BENCH_SCALE_IMAGES  image counts the scale scenario lists at (default 100,1000,10000). The
+#                       scale scenario is not in the default set: about 13 min, 10 of them
+#                       removing its 9,000 librbd images; add it: BENCH_SCENARIOS=...,scale
 #   BENCH_TRASH_DEFERMENT  the driver's --trash-deferment, seconds (default 5)
 #   BENCH_JSON          result file (default <repo>/bench-results.json)
 #   BENCH_KEEP_CLUSTER=1  leave the cluster running (for repeated runs)
@@ -86,6 +89,7 @@ set +e
     --list-volumes "${BENCH_LIST:-100}" \
     --rss-cycles "${BENCH_RSS_CYCLES:-1000,2000}" \
     --scenarios "${BENCH_SCENARIOS:-serial,concurrent,list,node,rss,purge}" \
+    --scale-images "${BENCH_SCALE_IMAGES:-100,1000,10000}" \
     --trash-deferment "${BENCH_TRASH_DEFERMENT:-5}" \
     --floor --cluster-config "$DIR/cluster-config.json" \
     --kubelet-dir "$WORK/kubelet" \

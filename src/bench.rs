@@ -11,6 +11,7 @@ use crate::client::cli::{capability, parse_size, read_secrets};
 use crate::client::CsiClient;
 use crate::csi::proto;
 use crate::secret::Secret;
+use crate::volume::naming::VOLUME_PREFIX;
 use crate::volume::params::{parse_features, DEFAULT_FEATURES};
 use crate::volume::{ClusterConfig, Credentials};
 use anyhow::{anyhow, bail, Context as _};
@@ -37,6 +38,10 @@ pub enum Scenario {
     /// `--count` deletes, then how long after `--trash-deferment` each image is still in the
     /// pool or its trash (watched through our Ceph layer: needs `--floor`).
     Purge,
+    /// Images up to each of `--scale-images` (the first `--scale-driver-volumes` through the
+    /// driver, the rest through librbd), ListVolumes in pages of `--scale-page` at each count,
+    /// and the driver's memory and threads after each step (needs `--floor`).
+    Scale,
 }
 
 #[derive(clap::Args, Debug)]
@@ -120,6 +125,18 @@ pub struct BenchArgs {
     /// The driver's trash deferment in seconds (its `--trash-deferment`), for the purge scenario.
     #[arg(long, default_value_t = 0)]
     pub trash_deferment: u64,
+    /// Image counts at which the scale scenario lists (comma-separated, ascending).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    pub scale_images: Vec<usize>,
+    /// How many of the scale scenario's images are created through the driver.
+    #[arg(long, default_value_t = 1000)]
+    pub scale_driver_volumes: usize,
+    /// Creates and deletes in flight in the scale scenario.
+    #[arg(long, default_value_t = 32)]
+    pub scale_concurrency: usize,
+    /// ListVolumes max_entries in the scale scenario.
+    #[arg(long, default_value_t = 500)]
+    pub scale_page: usize,
     /// Where a driver started by the bench writes its stdout and stderr (default: inherited).
     #[arg(long)]
     pub driver_log: Option<PathBuf>,
@@ -167,6 +184,17 @@ impl Samples {
 
     pub fn mean(&self) -> Option<Duration> {
         (!self.0.is_empty()).then(|| self.0.iter().sum::<Duration>() / self.0.len() as u32)
+    }
+
+    fn total(&self) -> Duration {
+        self.0.iter().sum()
+    }
+
+    /// The samples cut into `rounds` consecutive parts of equal size (the last may be short),
+    /// so a ratio can be taken per round of samples that were measured side by side.
+    fn rounds(&self, rounds: usize) -> Vec<Samples> {
+        let size = self.0.len().div_ceil(rounds.max(1)).max(1);
+        self.0.chunks(size).map(|c| Samples(c.to_vec())).collect()
     }
 
     fn json(&self) -> Value {
@@ -260,6 +288,29 @@ struct Bench {
     results: serde_json::Map<String, Value>,
 }
 
+/// What the scale scenario made, for its clean-up.
+#[derive(Default)]
+struct ScaleImages {
+    /// Volume IDs of the driver's volumes.
+    driver_ids: Vec<String>,
+    /// Images created through librbd.
+    floor_names: Vec<String>,
+}
+
+impl ScaleImages {
+    /// Every image name, the driver's decoded from their volume IDs.
+    fn images(&self) -> anyhow::Result<Vec<String>> {
+        let mut out = Vec::with_capacity(self.driver_ids.len() + self.floor_names.len());
+        for id in &self.driver_ids {
+            let v =
+                crate::volume::VolumeId::decode(id).map_err(|e| anyhow!("volume ID {id}: {e}"))?;
+            out.push(v.image);
+        }
+        out.extend(self.floor_names.iter().cloned());
+        Ok(out)
+    }
+}
+
 /// The same work without the driver: one pooled connection to the pool the driver uses.
 struct Floor {
     io: Arc<IoCtx>,
@@ -277,6 +328,8 @@ struct Row {
     floor: Option<f64>,
     unit: &'static str,
     target: Option<Target>,
+    /// Lowest and highest driver/floor ratio of the single rounds, when there were rounds.
+    spread: Option<(f64, f64)>,
 }
 
 #[derive(Clone, Copy)]
@@ -312,6 +365,26 @@ impl Row {
     }
 }
 
+/// Lowest and highest driver/floor ratio over rounds of (driver, floor) values; rounds without
+/// a usable floor value are left out.
+fn spread(rounds: impl IntoIterator<Item = (f64, f64)>) -> Option<(f64, f64)> {
+    rounds
+        .into_iter()
+        .filter(|(_, f)| *f > 0.0)
+        .map(|(d, f)| d / f)
+        .filter(|r| r.is_finite())
+        .fold(None, |acc, r| match acc {
+            None => Some((r, r)),
+            Some((lo, hi)) => Some((f64::min(lo, r), f64::max(hi, r))),
+        })
+}
+
+/// The spread of a percentile's ratio over the rounds of paired samples.
+fn percentile_spread(d: &Samples, f: &Samples, rounds: usize, q: f64) -> Option<(f64, f64)> {
+    let pairs = d.rounds(rounds).into_iter().zip(f.rounds(rounds));
+    spread(pairs.map(|(d, f)| (ms(d.percentile(q)), ms(f.percentile(q)))))
+}
+
 fn ms(d: Option<Duration>) -> f64 {
     d.map(|d| d.as_secs_f64() * 1e3).unwrap_or(f64::NAN)
 }
@@ -340,6 +413,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
                 floor: None,
                 unit: "ms",
                 target: Some(Target::AtMost(200.0)),
+                spread: None,
             });
             b.results
                 .insert("startup_to_probe_ms".into(), json!(t.as_secs_f64() * 1e3));
@@ -477,6 +551,7 @@ impl Bench {
                 Scenario::Node => self.node().await,
                 Scenario::Rss => self.rss().await,
                 Scenario::Purge => self.purge().await,
+                Scenario::Scale => self.scale().await,
             }
             .with_context(|| format!("scenario {s:?}"))?;
         }
@@ -559,6 +634,8 @@ impl Bench {
         p.finish();
         let floor = self.floor.is_some();
         let pct = |s: &Samples, q| floor.then(|| ms(s.percentile(q)));
+        // Each pair is driver then floor, so any stretch of pairs is a fair round.
+        let rounds = self.args.rounds.max(1);
         for (what, d, f, target) in [
             (
                 "serial CreateVolume p50",
@@ -589,6 +666,7 @@ impl Bench {
                 floor: pct(f, q),
                 unit: "ms",
                 target,
+                spread: percentile_spread(d, f, rounds, q),
             });
         }
         let tput = n as f64 / driver_time.as_secs_f64();
@@ -601,6 +679,20 @@ impl Bench {
             }),
             unit: "/s",
             target: None,
+            spread: {
+                let rate = |a: &Samples, b: &Samples| {
+                    a.len() as f64 / (a.total() + b.total()).as_secs_f64()
+                };
+                let d = create.rounds(rounds).into_iter().zip(delete.rounds(rounds));
+                let f = fcreate
+                    .rounds(rounds)
+                    .into_iter()
+                    .zip(fremove.rounds(rounds));
+                spread(
+                    d.zip(f)
+                        .map(|((c, d), (fc, fr))| (rate(&c, &d), rate(&fc, &fr))),
+                )
+            },
         });
         self.results.insert(
             "serial".into(),
@@ -629,7 +721,10 @@ impl Bench {
         let (mut cw_f, mut dw_f) = (Duration::ZERO, Duration::ZERO);
         let (mut create, mut delete) = (Samples::default(), Samples::default());
         let (mut fcreate, mut fremove) = (Samples::default(), Samples::default());
+        // Per round: create and delete wall times, driver then floor.
+        let mut walls = Vec::with_capacity(rounds);
         for r in 0..rounds {
+            let mut round = [Duration::ZERO; 4];
             let driver_first = r % 4 == 0 || r % 4 == 3;
             for floor_turn in [!driver_first, driver_first] {
                 if !floor_turn {
@@ -639,11 +734,13 @@ impl Bench {
                     let (ids, w, s) = self.create_many(&names, c, &p).await?;
                     p.finish();
                     cw_d += w;
+                    round[0] = w;
                     create.0.extend(s.0);
                     let p = Progress::new(&format!("{c}-way DeleteVolume ({}/{rounds})", r + 1), n);
                     let (w, s) = self.delete_many(ids, c, &p).await?;
                     p.finish();
                     dw_d += w;
+                    round[1] = w;
                     delete.0.extend(s.0);
                 } else if let Some(f) = &self.floor {
                     let fnames: Vec<String> =
@@ -652,14 +749,17 @@ impl Bench {
                     let (w, s) = f.run_many(&fnames, c, self.size as u64, true, &p).await?;
                     p.finish();
                     cw_f += w;
+                    round[2] = w;
                     fcreate.0.extend(s.0);
                     let p = Progress::new(&format!("{c}-way floor remove ({}/{rounds})", r + 1), n);
                     let (w, s) = f.run_many(&fnames, c, 0, false, &p).await?;
                     p.finish();
                     dw_f += w;
+                    round[3] = w;
                     fremove.0.extend(s.0);
                 }
             }
+            walls.push(round);
         }
         let total = (n * rounds) as f64;
         let create_tput = total / cw_d.as_secs_f64();
@@ -671,6 +771,12 @@ impl Bench {
             ),
             None => (None, None),
         };
+        // Rates in a round are n / wall, so the rate ratio is floor wall over driver wall.
+        let round_spread = |d: usize, f: usize| {
+            let secs = |w: Duration| w.as_secs_f64();
+            let with_floor = walls.iter().filter(|w| !w[f].is_zero());
+            spread(with_floor.map(|w| (secs(w[f]), secs(w[d]))))
+        };
         let floor_json = json!({"create_per_second": fc, "remove_per_second": fd,
             "create": fcreate.json(), "remove": fremove.json()});
         self.rows.push(Row {
@@ -679,6 +785,7 @@ impl Bench {
             floor: fc,
             unit: "/s",
             target: Some(Target::RatioAtLeast(0.85)),
+            spread: round_spread(0, 2),
         });
         self.rows.push(Row {
             what: format!("{c}-way DeleteVolume /s"),
@@ -686,6 +793,7 @@ impl Bench {
             floor: fd,
             unit: "/s",
             target: None,
+            spread: round_spread(1, 3),
         });
         self.results.insert(
             "concurrent".into(),
@@ -813,6 +921,7 @@ impl Bench {
             floor: None,
             unit: "ms",
             target: None,
+            spread: None,
         });
         self.results
             .insert("list".into(), json!({"volumes": n, "latency": lat.json()}));
@@ -924,6 +1033,8 @@ impl Bench {
             floor: floor.then(|| ms(fup.percentile(50.0))),
             unit: "ms",
             target: Some(Target::RatioAtMost(1.2)),
+            // Each volume is a round: driver, then the floor.
+            spread: percentile_spread(&up, &fup, n, 50.0),
         });
         self.rows.push(Row {
             what: "NodeUnpublish+NodeUnstage p50".into(),
@@ -931,6 +1042,7 @@ impl Bench {
             floor: floor.then(|| ms(fdown.percentile(50.0))),
             unit: "ms",
             target: None,
+            spread: percentile_spread(&down, &fdown, n, 50.0),
         });
         self.results.insert(
             "node".into(),
@@ -1016,6 +1128,7 @@ impl Bench {
             floor: None,
             unit: "s",
             target: Some(Target::AtMost(60.0)),
+            spread: None,
         });
         self.rows.push(Row {
             what: "purge: p50 after deferment end".into(),
@@ -1023,11 +1136,283 @@ impl Bench {
             floor: None,
             unit: "s",
             target: None,
+            spread: None,
         });
         self.results.insert(
             "purge".into(),
             json!({"deferment_s": deferment.as_secs(), "after_deferment_end": late.json()}),
         );
+        Ok(())
+    }
+
+    /// The scale scenario; whatever it created is removed (trash purge included) even when a
+    /// step failed.
+    async fn scale(&mut self) -> anyhow::Result<()> {
+        if self.floor.is_none() {
+            bail!("the scale scenario creates images through our Ceph layer: it needs --floor");
+        }
+        let mut made = ScaleImages::default();
+        let steps = self.scale_steps(&mut made).await;
+        let cleanup = self.scale_cleanup(made).await;
+        steps.and(cleanup)
+    }
+
+    async fn scale_steps(&mut self, made: &mut ScaleImages) -> anyhow::Result<()> {
+        let c = self.args.scale_concurrency.max(1);
+        let page = self.args.scale_page;
+        let max_entries = i32::try_from(page).context("--scale-page")?;
+        let mem = |b: &Self| b.driver_pid.and_then(memory_kib);
+        let mut creates = Samples::default();
+        let mut create_wall = Duration::ZERO;
+        let mut points = Vec::new();
+        for count in self.args.scale_images.clone() {
+            let have = made.driver_ids.len() + made.floor_names.len();
+            let want = count.saturating_sub(have);
+            let by_driver = want.min(
+                self.args
+                    .scale_driver_volumes
+                    .saturating_sub(made.driver_ids.len()),
+            );
+            let t = Instant::now();
+            if by_driver > 0 {
+                let first = made.driver_ids.len();
+                let names: Vec<String> = (first..first + by_driver)
+                    .map(|i| self.name("k", i))
+                    .collect();
+                let p = Progress::new(
+                    &format!("scale: {c}-way CreateVolume to {count}"),
+                    by_driver,
+                );
+                let (ids, w, s) = self.create_many(&names, c, &p).await?;
+                p.finish();
+                create_wall += w;
+                creates.0.extend(s.0);
+                made.driver_ids.extend(ids);
+            }
+            let by_librbd = want - by_driver;
+            if by_librbd > 0 {
+                let first = made.floor_names.len();
+                // The driver's default prefix, so ListVolumes counts them as volumes.
+                let names: Vec<String> = (first..first + by_librbd)
+                    .map(|i| format!("{VOLUME_PREFIX}{}", self.name("kf", i)))
+                    .collect();
+                made.floor_names.extend(names.iter().cloned());
+                let p = Progress::new(
+                    &format!("scale: {c}-way librbd create to {count}"),
+                    by_librbd,
+                );
+                let floor = self.floor.as_ref().expect("checked in scale()");
+                floor
+                    .run_many(&names, c, self.size as u64, true, &p)
+                    .await?;
+                p.finish();
+            }
+            let create_took = t.elapsed();
+            let after_create = mem(self);
+
+            let expected: std::collections::HashSet<String> = made.images()?.into_iter().collect();
+            let (total, pages) = self.list_all_once(&expected, max_entries, count).await?;
+            let after_list = mem(self);
+            let secs = create_took.as_secs_f64();
+            let how = match (by_driver, by_librbd) {
+                (0, _) => "librbd",
+                (_, 0) => "driver",
+                _ => "driver+librbd",
+            };
+            let mib = |m: Option<Memory>| m.map(|m| m.anon as f64 / 1024.0).unwrap_or(f64::NAN);
+            let threads = |m: Option<Memory>| m.map(|m| m.threads as f64).unwrap_or(f64::NAN);
+            for (what, driver, unit, target) in [
+                (format!("+{want} images ({how})"), secs, "s", None),
+                (
+                    format!("ListVolumes, {} pages", pages.len()),
+                    total.as_secs_f64() * 1e3,
+                    "ms",
+                    None,
+                ),
+                ("  page p50".into(), ms(pages.percentile(50.0)), "ms", None),
+                (
+                    "  page max".into(),
+                    ms(pages.percentile(100.0)),
+                    "ms",
+                    Some(Target::AtMost(100.0)),
+                ),
+                ("  RssAnon after list".into(), mib(after_list), "MiB", None),
+                ("  threads after list".into(), threads(after_list), "", None),
+            ] {
+                self.rows.push(Row {
+                    what: format!("scale {count}: {what}"),
+                    driver,
+                    floor: None,
+                    unit,
+                    target,
+                    spread: None,
+                });
+            }
+            points.push(json!({
+                "images": count, "created": want, "created_by": how, "create_s": secs,
+                "list_ms": total.as_secs_f64() * 1e3, "page_size": page, "pages": pages.json(),
+                "page_max_ms": ms(pages.percentile(100.0)),
+                "after_create": after_create, "after_list": after_list,
+            }));
+        }
+        let n = creates.len();
+        if n > 0 {
+            let rate = n as f64 / create_wall.as_secs_f64();
+            for (what, driver, unit) in [
+                (format!("scale: {n} CreateVolume {c}-way"), rate, "/s"),
+                (
+                    "  CreateVolume p50".into(),
+                    ms(creates.percentile(50.0)),
+                    "ms",
+                ),
+                (
+                    "  CreateVolume p99".into(),
+                    ms(creates.percentile(99.0)),
+                    "ms",
+                ),
+            ] {
+                self.rows.push(Row {
+                    what,
+                    driver,
+                    floor: None,
+                    unit,
+                    target: None,
+                    spread: None,
+                });
+            }
+        }
+        self.results.insert(
+            "scale".into(),
+            json!({
+                "concurrency": c, "steps": points,
+                "driver_creates": creates.json(),
+                "driver_create_per_second": (n > 0).then(|| n as f64 / create_wall.as_secs_f64()),
+            }),
+        );
+        Ok(())
+    }
+
+    /// One full ListVolumes walk in pages of `max_entries`: the total time and each page's, after
+    /// checking that every expected image came exactly once.
+    async fn list_all_once(
+        &mut self,
+        expected: &std::collections::HashSet<String>,
+        max_entries: i32,
+        count: usize,
+    ) -> anyhow::Result<(Duration, Samples)> {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        let mut pages = Samples::default();
+        let mut token = String::new();
+        let p = Progress::new(&format!("scale: ListVolumes over {count}"), count);
+        let t = Instant::now();
+        loop {
+            let pt = Instant::now();
+            let r = self
+                .client
+                .controller
+                .list_volumes(proto::ListVolumesRequest {
+                    max_entries,
+                    starting_token: token.clone(),
+                })
+                .await
+                .map_err(|s| status_error("ListVolumes", "", s))?
+                .into_inner();
+            pages.push(pt.elapsed());
+            if max_entries > 0 && r.entries.len() > max_entries as usize {
+                bail!(
+                    "ListVolumes returned {} entries for max_entries {max_entries}",
+                    r.entries.len()
+                );
+            }
+            for v in r.entries.iter().filter_map(|e| e.volume.as_ref()) {
+                let image = crate::volume::VolumeId::decode(&v.volume_id)
+                    .map_err(|e| anyhow!("ListVolumes gave volume ID {}: {e}", v.volume_id))?
+                    .image;
+                if expected.contains(&image) {
+                    *seen.entry(image).or_default() += 1;
+                    p.inc();
+                }
+            }
+            if r.next_token.is_empty() {
+                break;
+            }
+            token = r.next_token;
+        }
+        let total = t.elapsed();
+        p.finish();
+        let missing = expected.iter().filter(|i| !seen.contains_key(*i)).count();
+        let twice: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        if missing > 0 || !twice.is_empty() {
+            bail!(
+                "ListVolumes over {count}: {missing} of {} volumes missing, some listed more \
+                 than once: {twice:?}",
+                expected.len()
+            );
+        }
+        Ok((total, pages))
+    }
+
+    /// DeleteVolume for the driver's volumes, rbd_remove for the rest, then a wait until none
+    /// of them is left in the pool or its trash (the driver purges after its deferment).
+    async fn scale_cleanup(&mut self, made: ScaleImages) -> anyhow::Result<()> {
+        let c = self.args.scale_concurrency.max(1);
+        let t = Instant::now();
+        let mut left: std::collections::HashSet<String> = made.images()?.into_iter().collect();
+        let p = Progress::new("scale: DeleteVolume", made.driver_ids.len());
+        let deleted = self.delete_many(made.driver_ids, c, &p).await;
+        p.finish();
+        let floor = self.floor.as_ref().expect("checked in scale()");
+        let p = Progress::new("scale: librbd remove", made.floor_names.len());
+        let done = p.handle();
+        let io = floor.io.clone();
+        // A step that failed half-way leaves some of its names never created.
+        let removed = run_pool(made.floor_names, c, move |name| {
+            let (io, done) = (io.clone(), done.clone());
+            async move {
+                match blocking(move || io.remove_image(&name)).await {
+                    Err(e) if !e.not_found() => return Err(e.into()),
+                    _ => done.inc(1),
+                }
+                Ok(())
+            }
+        })
+        .await;
+        p.finish();
+        // Volumes not deleted would keep the wait below busy until it gives up.
+        deleted?;
+        removed?;
+        let p = Progress::new("scale: waiting for the trash purge", left.len());
+        let give_up = Instant::now() + Duration::from_secs(self.args.trash_deferment + 600);
+        while !left.is_empty() {
+            if Instant::now() > give_up {
+                bail!("{} scale images still in the pool or its trash", left.len());
+            }
+            let io = floor.io.clone();
+            let present: std::collections::HashSet<String> = blocking(move || {
+                let mut names: std::collections::HashSet<String> =
+                    io.list_images()?.into_iter().collect();
+                names.extend(io.trash_list()?.into_iter().map(|e| e.name));
+                Ok(names)
+            })
+            .await?;
+            left.retain(|i| {
+                let keep = present.contains(i);
+                if !keep {
+                    p.inc();
+                }
+                keep
+            });
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        p.finish();
+        self.rows.push(Row {
+            what: "scale: clean-up incl. trash purge".into(),
+            driver: t.elapsed().as_secs_f64(),
+            floor: None,
+            unit: "s",
+            target: None,
+            spread: None,
+        });
         Ok(())
     }
 
@@ -1073,6 +1458,7 @@ impl Bench {
                 floor: None,
                 unit: "MiB",
                 target: Some(Target::AtMost(30.0)),
+                spread: None,
             });
             self.rows.push(Row {
                 what: format!("  private (RssAnon) after {at}"),
@@ -1080,6 +1466,7 @@ impl Bench {
                 floor: None,
                 unit: "MiB",
                 target: None,
+                spread: None,
             });
             self.rows.push(Row {
                 what: format!("  shared libs/text (RssFile) at {at}"),
@@ -1087,6 +1474,7 @@ impl Bench {
                 floor: None,
                 unit: "MiB",
                 target: None,
+                spread: None,
             });
         }
         if last.len() >= 2 {
@@ -1097,6 +1485,7 @@ impl Bench {
                 floor: None,
                 unit: "MiB",
                 target: None,
+                spread: None,
             });
             // A leak is private memory; RssFile also grows when code runs for the first time.
             // Half a MiB over 1,000 cycles would be a leak of ~0.5 KiB per cycle.
@@ -1106,6 +1495,7 @@ impl Bench {
                 floor: None,
                 unit: "MiB",
                 target: Some(Target::AtMost(0.5)),
+                spread: None,
             });
         }
         self.results.insert("rss_cycles".into(), json!(points));
@@ -1116,10 +1506,10 @@ impl Bench {
     fn print_table(&self) -> Value {
         println!();
         println!(
-            "{:<36} {:>12} {:>12} {:>8}   {:<12} result",
-            "what", "driver", "floor", "ratio", "target"
+            "{:<36} {:>12} {:>12} {:>8} {:>13}   {:<12} result",
+            "what", "driver", "floor", "ratio", "rounds", "target"
         );
-        println!("{}", "-".repeat(96));
+        println!("{}", "-".repeat(110));
         let mut rows = Vec::new();
         for r in &self.rows {
             let f = |v: f64| match r.unit {
@@ -1133,16 +1523,20 @@ impl Bench {
                 None => "",
             };
             println!(
-                "{:<36} {:>12} {:>12} {:>8}   {:<12} {verdict}",
+                "{:<36} {:>12} {:>12} {:>8} {:>13}   {:<12} {verdict}",
                 r.what,
                 f(r.driver),
                 r.floor.map(f).unwrap_or_default(),
                 r.ratio().map(|x| format!("{x:.2}x")).unwrap_or_default(),
+                r.spread
+                    .map(|(lo, hi)| format!("{lo:.2}-{hi:.2}x"))
+                    .unwrap_or_default(),
                 r.target_text(),
             );
             rows.push(json!({
                 "what": r.what, "driver": r.driver, "floor": r.floor, "unit": r.unit,
-                "ratio": r.ratio(), "target": r.target_text(), "met": r.verdict(),
+                "ratio": r.ratio(), "round_ratio_min_max": r.spread.map(|(lo, hi)| [lo, hi]),
+                "target": r.target_text(), "met": r.verdict(),
             }));
         }
         let _ = std::io::stdout().flush();
@@ -1394,6 +1788,7 @@ pub struct Memory {
     pub rss: u64,
     pub anon: u64,
     pub file: u64,
+    pub threads: u64,
 }
 
 pub fn memory_kib(pid: u32) -> Option<Memory> {
@@ -1413,6 +1808,7 @@ fn parse_memory(status: &str) -> Option<Memory> {
         rss: field("VmRSS:")?,
         anon: field("RssAnon:").unwrap_or(0),
         file: field("RssFile:").unwrap_or(0),
+        threads: field("Threads:").unwrap_or(0),
     })
 }
 
@@ -1507,6 +1903,7 @@ mod tests {
             floor: Some(floor),
             unit: "ms",
             target: Some(target),
+            spread: None,
         };
         assert_eq!(
             row(12.0, 10.0, Target::RatioAtMost(1.3)).verdict(),
@@ -1527,6 +1924,17 @@ mod tests {
     }
 
     #[test]
+    fn spread_is_the_lowest_and_highest_ratio_of_single_rounds() {
+        // Four rounds of two samples: ratios 1.0, 2.0, 0.5 and 1.5.
+        let d = samples(&[10, 10, 40, 40, 10, 10, 30, 30]);
+        let f = samples(&[10, 10, 20, 20, 20, 20, 20, 20]);
+        assert_eq!(percentile_spread(&d, &f, 4, 50.0), Some((0.5, 2.0)));
+        // A round without a floor value says nothing about the ratio.
+        assert_eq!(spread([(1.0, 0.0), (3.0, 2.0)]), Some((1.5, 1.5)));
+        assert_eq!(percentile_spread(&d, &Samples::default(), 4, 50.0), None);
+    }
+
+    #[test]
     fn vm_rss_is_read_from_proc_status() {
         let status = "Name:\trook-rbd\nVmPeak:\t  100 kB\nVmRSS:\t   23456 kB\n\
             RssAnon:\t    3456 kB\nRssFile:\t   20000 kB\nThreads:\t8\n";
@@ -1535,7 +1943,8 @@ mod tests {
             Some(Memory {
                 rss: 23456,
                 anon: 3456,
-                file: 20000
+                file: 20000,
+                threads: 8,
             })
         );
         assert_eq!(parse_memory("Name: x\n"), None);

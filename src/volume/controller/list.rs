@@ -232,7 +232,8 @@ pub(super) fn paginate<T>(
             "max_entries must not be negative".into(),
         ));
     }
-    all.sort_by_key(&key);
+    // Every page sorts the whole pool: one key per entry, not two per comparison.
+    all.sort_by_cached_key(&key);
     if !token.is_empty() && VolumeId::decode(token).is_err() {
         return Err(Error::Aborted(format!(
             "starting_token {token:?} is not a token this driver issued"
@@ -258,6 +259,31 @@ pub(super) fn paginate<T>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pagination_encodes_each_key_once_not_once_per_comparison() {
+        // Every ListVolumes page sorts all of the pool's volumes: a key built per comparison
+        // costs n log n volume-ID encodings a page, about 280,000 at 10,000 volumes.
+        let n = 10_000;
+        let ids: Vec<VolumeId> = (0..n)
+            .map(|i| VolumeId::new("c", "p", &format!("img{:05}", (i * 7919) % n)))
+            .collect();
+        let calls = std::cell::Cell::new(0usize);
+        let key = |v: &VolumeId| {
+            calls.set(calls.get() + 1);
+            v.encode()
+        };
+        let token = VolumeId::new("c", "p", "img04999").encode();
+        let page = paginate(ids, key, 500, &token).unwrap();
+        assert_eq!(page.entries.len(), 500);
+        assert_eq!(page.entries[0].image, "img05000");
+        // One per entry, plus the binary search for the token and the next token.
+        assert!(
+            calls.get() <= n + 20,
+            "{} key encodings for {n} volumes",
+            calls.get()
+        );
+    }
 
     #[test]
     fn pagination_resumes_after_the_last_returned_id_even_if_it_was_deleted() {
