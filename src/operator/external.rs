@@ -7,6 +7,7 @@ use super::crd::cluster::HealthMessage;
 use super::crd::{CephCluster, Condition, ConditionStatus, Phase};
 use super::endpoints::MonEndpoints;
 use super::identity::keys;
+use crate::ceph::health::banner_check;
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool};
 use crate::secret::Secret as SecretValue;
@@ -137,20 +138,32 @@ impl ExternalCluster {
         let conn = match tokio::time::timeout(DEADLINE, attempt).await {
             Err(_) => Err(CephError::new("connect", &who, -libc::ETIMEDOUT)),
             Ok(r) => r,
-        }
-        .map_err(|e| {
-            let hint = if e.permission_denied() {
-                "authentication refused: the key in Secret rook-ceph-mon is wrong for this user"
-            } else if e.timed_out() {
-                "no answer from the mons in time"
-            } else {
-                "connect failed"
-            };
-            problem(
-                "ExternalConnectFailed",
-                format!("cannot connect to the external cluster at {at} as {who}: {hint} ({e})"),
-            )
-        })?;
+        };
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                // librados reports refused credentials as a connect timeout once
+                // client_mount_timeout is set: mons that answer their banner refused them.
+                let answering = e.timed_out()
+                    && banner_check(&self.monitors, Duration::from_secs(2))
+                        .await
+                        .is_ok();
+                let hint = if e.permission_denied() || answering {
+                    "the mons answer, but authentication did not succeed: the key in Secret \
+                     rook-ceph-mon is wrong for this user (or the user does not exist)"
+                } else if e.timed_out() {
+                    "no answer from the mons in time"
+                } else {
+                    "connect failed"
+                };
+                return Err(problem(
+                    "ExternalConnectFailed",
+                    format!(
+                        "cannot connect to the external cluster at {at} as {who}: {hint} ({e})"
+                    ),
+                ));
+            }
+        };
         if !conn.fsid().is_empty() && conn.fsid() != self.fsid {
             return Err(problem(
                 "ExternalFsidMismatch",
