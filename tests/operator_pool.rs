@@ -6,6 +6,8 @@
 mod apiserver;
 mod common;
 
+use apiserver::operator::{eventually, Operator};
+
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::ByteString;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
@@ -13,78 +15,6 @@ use kube::Client;
 use rook_rbd::operator::crd::{self, CephBlockPool, CephCluster, ConditionStatus, Phase};
 use serde_json::json;
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
-
-/// A `rook-rbd operator` process for one namespace; killed when dropped.
-struct Operator {
-    child: Child,
-    log: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Operator {
-    fn start(server: &'static apiserver::ApiServer, namespace: &str) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("operator.log");
-        let (kubeconfig, ns, log_path) = (
-            server.kubeconfig.clone(),
-            namespace.to_string(),
-            log.clone(),
-        );
-        let child = apiserver::on_spawner_thread(move || {
-            let out = std::fs::File::create(&log_path).unwrap();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_rook-rbd"));
-            cmd.arg("operator")
-                .env("KUBECONFIG", &kubeconfig)
-                .env("ROOK_RBD_WATCH_NAMESPACE", &ns)
-                .env("RUST_LOG", "info,rook_rbd=debug")
-                .stdin(Stdio::null())
-                .stdout(out.try_clone().unwrap())
-                .stderr(out);
-            apiserver::die_with_parent(&mut cmd);
-            cmd.spawn().expect("rook-rbd operator starts")
-        });
-        Operator {
-            child,
-            log,
-            _dir: dir,
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Polls `f` until it returns `Some`, for at most 90 s (a deadline for a loaded machine and a
-/// few retry backoffs, not a speed check); the panic names what was awaited.
-async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "not within 90 s: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
 
 struct Env {
     ceph: common::Cluster,
