@@ -423,9 +423,25 @@ async fn write_status(
     if let Some(fsid) = fsid {
         status["ceph"] = json!({ "fsid": fsid });
     }
-    let api: Api<CephCluster> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(merge_status(ctx, cluster, ns, status).await?)
+}
+
+/// Merges `status` into the object's status subresource.
+pub(super) async fn merge_status<K>(
+    ctx: &Context,
+    obj: &K,
+    ns: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     api.patch_status(
-        &cluster.name_any(),
+        &obj.name_any(),
         &PatchParams::default(),
         &Patch::Merge(json!({ "status": status })),
     )

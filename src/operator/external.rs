@@ -2,7 +2,9 @@
 //! Secret `rook-ceph-mon` and ConfigMap `rook-ceph-mon-endpoints` as Rook's import script writes
 //! them, and mon commands on it through the project's librados layer, each with a deadline.
 
-use super::cluster_controller::{carry_transition_times, condition, names, now, publish, Context};
+use super::cluster_controller::{
+    carry_transition_times, condition, merge_status, names, now, publish, Context,
+};
 use super::crd::cluster::HealthMessage;
 use super::crd::{CephCluster, Condition, ConditionStatus, Phase};
 use super::endpoints::MonEndpoints;
@@ -12,7 +14,6 @@ use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection, ConnectionPool};
 use crate::secret::Secret as SecretValue;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Api, ResourceExt};
@@ -348,12 +349,5 @@ async fn write_status(
         }
         status["ceph"] = ceph;
     }
-    let api: Api<CephCluster> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch_status(
-        &cluster.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
+    merge_status(ctx, cluster, ns, status).await
 }

@@ -7,12 +7,14 @@
 //! `mon_allow_pool_delete` is the external cluster owner's setting and is never changed here:
 //! when it is off, the deletion is blocked with a condition that says so.
 
-use super::cluster_controller::{carry_transition_times, condition, now, publish, Context};
+use super::cluster_controller::{
+    carry_transition_times, condition, merge_status, now, publish, Context,
+};
 use super::crd::{CephBlockPool, CephCluster, Condition, ConditionStatus, Phase};
 use super::external::{self, mon_json, mon_raw, Problem};
 use crate::ceph::pool::blocking;
 use crate::ceph::{CephError, Connection};
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::ListParams;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
@@ -514,14 +516,7 @@ async fn write_status(
     if let Some(want) = ready {
         status["info"] = json!({"type": "Replicated", "failureDomain": want.failure_domain});
     }
-    let api: Api<CephBlockPool> = Api::namespaced(ctx.client.clone(), ns);
-    api.patch_status(
-        &pool.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
-    )
-    .await?;
-    Ok(())
+    merge_status(ctx, pool, ns, status).await
 }
 
 #[cfg(test)]
