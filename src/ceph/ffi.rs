@@ -207,6 +207,7 @@ extern "C" {
     pub fn rbd_image_spec_list_cleanup(images: *mut rbd_image_spec_t, num_images: size_t);
     pub fn rbd_trash_move(io: rados_ioctx_t, name: *const c_char, delay: u64) -> c_int;
     pub fn rbd_trash_remove(io: rados_ioctx_t, id: *const c_char, force: bool) -> c_int;
+    pub fn rbd_pool_init(io: rados_ioctx_t, force: bool) -> c_int;
     pub fn rbd_namespace_exists(
         io: rados_ioctx_t,
         namespace_name: *const c_char,

@@ -226,6 +226,14 @@ impl IoCtx {
         }
     }
 
+    /// `rbd pool init`: tags the pool for RBD and checks that it can hold images.
+    pub fn pool_init(&self) -> Result<()> {
+        check("rbd_pool_init", self.pool(), unsafe {
+            self.seen(ffi::rbd_pool_init(self.raw(), false))
+        })?;
+        Ok(())
+    }
+
     pub fn trash_move(&self, name: &str) -> Result<()> {
         let n = cstr("rbd_trash_move", name)?;
         check("rbd_trash_move", &self.target(name), unsafe {

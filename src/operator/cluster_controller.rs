@@ -7,6 +7,7 @@ use super::crd::status::{Condition, ConditionStatus, Phase};
 use super::crd::CephCluster;
 use super::endpoints::MonEndpoints;
 use super::identity::{ClusterIdentity, IdentityError};
+use crate::ceph::ConnectionPool;
 use crate::secret::Secret as SecretValue;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference, Time};
@@ -17,8 +18,8 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::runtime::finalizer::{finalizer, Event as FinalizerEvent};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// Rook's finalizer name, so a CephCluster moves between Rook and rook-rbd without a stuck one.
@@ -44,6 +45,31 @@ const BLOCKED_RETRY: Duration = Duration::from_secs(30);
 pub struct Context {
     pub client: kube::Client,
     pub recorder: Recorder,
+    /// Connections to external clusters, shared by both controllers.
+    pub ceph: Arc<ConnectionPool>,
+    pub backoff: Backoff,
+}
+
+/// Exponential retry delays per object (`namespace/name`), reset by a success.
+#[derive(Default)]
+pub struct Backoff(Mutex<HashMap<String, u32>>);
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_secs(5);
+    const MAX: Duration = Duration::from_secs(300);
+
+    /// The delay before the next attempt after a failure (5 s, 10 s, ... up to 5 min).
+    pub fn failed(&self, key: &str) -> Duration {
+        let mut m = self.0.lock().unwrap();
+        let n = m.entry(key.to_string()).or_insert(0);
+        let delay = Self::FIRST.saturating_mul(1 << (*n).min(6)).min(Self::MAX);
+        *n = n.saturating_add(1);
+        delay
+    }
+
+    pub fn succeeded(&self, key: &str) {
+        self.0.lock().unwrap().remove(key);
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +112,9 @@ pub fn error_policy(_cluster: Arc<CephCluster>, _error: &Error, _ctx: Arc<Contex
 }
 
 async fn apply(cluster: &CephCluster, ctx: &Context, ns: &str) -> Result<Action, Error> {
+    if cluster.spec.is_external() {
+        return Ok(super::external::reconcile(cluster, ctx, ns).await?);
+    }
     let ready = match ensure_identity(cluster, ctx, ns).await? {
         Ok(id) => current_endpoints(ctx, ns).await?.map(|e| (id, e)),
         Err(blocked) => Err(blocked),
@@ -279,13 +308,13 @@ async fn apply_children(
     Ok(())
 }
 
-fn now() -> Time {
+pub(super) fn now() -> Time {
     Time(k8s_openapi::jiff::Timestamp::now())
 }
 
 /// `new`, with each condition's `lastTransitionTime` taken from `old` when its status did not
 /// change, so an unchanged cluster renders an unchanged status (and no write, no watch event).
-fn carry_transition_times(old: &[Condition], new: &mut [Condition]) {
+pub(super) fn carry_transition_times(old: &[Condition], new: &mut [Condition]) {
     for c in new {
         if let Some(o) = old
             .iter()
@@ -296,7 +325,7 @@ fn carry_transition_times(old: &[Condition], new: &mut [Condition]) {
     }
 }
 
-fn condition(
+pub(super) fn condition(
     type_: &str,
     status: ConditionStatus,
     reason: &str,
@@ -394,9 +423,25 @@ async fn write_status(
     if let Some(fsid) = fsid {
         status["ceph"] = json!({ "fsid": fsid });
     }
-    let api: Api<CephCluster> = Api::namespaced(ctx.client.clone(), ns);
+    Ok(merge_status(ctx, cluster, ns, status).await?)
+}
+
+/// Merges `status` into the object's status subresource.
+pub(super) async fn merge_status<K>(
+    ctx: &Context,
+    obj: &K,
+    ns: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), ns);
     api.patch_status(
-        &cluster.name_any(),
+        &obj.name_any(),
         &PatchParams::default(),
         &Patch::Merge(json!({ "status": status })),
     )
@@ -414,7 +459,13 @@ async fn cleanup(cluster: &CephCluster, ctx: &Context) -> Result<Action, Error> 
 
 /// An Event on the CephCluster. A failure to publish is logged, never fatal: events inform,
 /// the status is the record.
-async fn publish(ctx: &Context, cluster: &CephCluster, type_: EventType, reason: &str, note: &str) {
+pub(super) async fn publish<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    cluster: &K,
+    type_: EventType,
+    reason: &str,
+    note: &str,
+) {
     let event = Event {
         type_,
         reason: reason.into(),

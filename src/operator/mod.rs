@@ -9,7 +9,9 @@
 pub mod cluster_controller;
 pub mod crd;
 pub mod endpoints;
+pub mod external;
 pub mod fields;
 pub mod identity;
 pub mod installed;
+pub mod pool_controller;
 pub mod run;

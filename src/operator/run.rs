@@ -1,10 +1,13 @@
-//! `rook-rbd operator`: checks the CRDs, then runs the CephCluster controller until SIGTERM.
+//! `rook-rbd operator`: checks the CRDs, then runs the CephCluster and CephBlockPool controllers
+//! until SIGTERM.
 //! The API server is found as kubectl finds it (in-cluster service account, else `KUBECONFIG`
 //! or ~/.kube/config), so no credential is ever passed in argv.
 
-use super::cluster_controller::{self, Context, MANAGED_BY};
-use super::crd::CephCluster;
+use super::cluster_controller::{self, Backoff, Context, MANAGED_BY};
+use super::crd::{CephBlockPool, CephCluster};
 use super::installed::{self, CrdState};
+use super::pool_controller;
+use crate::ceph::{CephTimeouts, ConnectionPool};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::runtime::events::{Recorder, Reporter};
@@ -30,19 +33,25 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let client = Client::try_default().await?;
     wait_for_crds(&client).await?;
 
-    let (clusters, secrets, maps): (Api<CephCluster>, Api<Secret>, Api<ConfigMap>) =
-        match &args.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-            ),
-        };
+    let (clusters, secrets, maps, pools): (
+        Api<CephCluster>,
+        Api<Secret>,
+        Api<ConfigMap>,
+        Api<CephBlockPool>,
+    ) = match &args.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
     let reporter = Reporter {
         controller: cluster_controller::FIELD_MANAGER.into(),
         instance: args.instance,
@@ -50,6 +59,8 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         recorder: Recorder::new(client.clone(), reporter),
         client,
+        ceph: Arc::new(ConnectionPool::new(CephTimeouts::default())),
+        backoff: Backoff::default(),
     });
     // Only the operator's own children: a namespace's other Secrets are none of its business.
     let children = watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
@@ -57,22 +68,35 @@ pub async fn run(args: OperatorArgs) -> anyhow::Result<()> {
         namespace = args.namespace.as_deref().unwrap_or("<all>"),
         "operator running"
     );
-    Controller::new(clusters, watcher::Config::default())
+    let cluster_loop = Controller::new(clusters, watcher::Config::default())
         .owns(secrets, children.clone())
         .owns(maps, children)
         .shutdown_on_signal()
         .run(
             cluster_controller::reconcile,
             cluster_controller::error_policy,
-            ctx,
+            ctx.clone(),
         )
         .for_each(|res| async move {
             match res {
                 Ok((obj, _)) => tracing::debug!(cluster = %obj, "reconciled"),
                 Err(e) => tracing::warn!(error = %e, "reconcile failed"),
             }
-        })
-        .await;
+        });
+    let pool_loop = Controller::new(pools, watcher::Config::default())
+        .shutdown_on_signal()
+        .run(
+            pool_controller::reconcile,
+            pool_controller::error_policy,
+            ctx,
+        )
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(pool = %obj, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "pool reconcile failed"),
+            }
+        });
+    futures::join!(cluster_loop, pool_loop);
     tracing::info!("operator stopped");
     Ok(())
 }

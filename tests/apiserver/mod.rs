@@ -10,6 +10,8 @@
 //! set (as `make test` does) they fail.
 #![allow(dead_code)]
 
+pub mod operator;
+
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};

@@ -83,8 +83,29 @@ pub struct CephClusterSpec {
     /// Requests and limits per daemon kind: `mon`, `mgr`, `osd`, `prepareosd`, `cleanup`.
     pub resources: Option<BTreeMap<String, ResourceRequirements>>,
     pub cleanup_policy: Option<CleanupPolicySpec>,
+    /// Rook's external mode: connect to a Ceph cluster that runs elsewhere, deploy no daemons.
+    pub external: Option<ExternalSpec>,
     #[serde(flatten)]
     pub other: Other,
+}
+
+#[serde_with::skip_serializing_none]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExternalSpec {
+    /// The connection is read from Secret `rook-ceph-mon` (`fsid`, `admin-secret`, or
+    /// `ceph-username` + `ceph-secret`) and ConfigMap `rook-ceph-mon-endpoints`, as Rook's
+    /// import script writes them.
+    pub enable: Option<bool>,
+    #[serde(flatten)]
+    pub other: Other,
+}
+
+impl CephClusterSpec {
+    /// Whether this is an external cluster (Rook's `external.enable`).
+    pub fn is_external(&self) -> bool {
+        self.external.as_ref().and_then(|e| e.enable) == Some(true)
+    }
 }
 
 #[serde_with::skip_serializing_none]

@@ -11,6 +11,8 @@ pub enum Phase {
     /// Working towards the spec; `status.message` says which step.
     Progressing,
     Ready,
+    /// An external cluster answers (Rook's phase for `external.enable`).
+    Connected,
     Failure,
     Deleting,
     /// Deletion waits for something (images in a pool, pools in a cluster); a condition says what.
@@ -110,6 +112,7 @@ mod tests {
         assert_eq!(
             values,
             [
+                "Connected",
                 "Deleting",
                 "DeletionIsBlocked",
                 "Failure",
