@@ -230,8 +230,28 @@ async fn a_pool_is_created_with_its_size_rule_and_application_a_parameter_change
         "the pool was deleted with an image in it"
     );
 
-    env.ceph.rbd(&["rm", &image]);
+    // Moved to the trash, it still blocks: a trashed volume may be restored until it is purged.
+    env.ceph.rbd(&["trash", "mv", &image]);
     let api = env.pools();
+    eventually("the condition counts the trashed image", || {
+        let api = api.clone();
+        let name = name.clone();
+        async move {
+            let p = api.get(&name).await.unwrap();
+            condition(&p, "DeletionIsBlocked")
+                .message
+                .contains("0 RBD image(s) and 1 in its trash")
+                .then_some(())
+        }
+    })
+    .await;
+    assert!(
+        env.ceph_pools().contains(&name),
+        "deleted with a trashed image in it"
+    );
+    let trash = env.ceph.rbd(&["trash", "ls", &name]);
+    let id = trash.split_whitespace().next().expect("the trash entry");
+    env.ceph.rbd(&["trash", "rm", &format!("{name}/{id}")]);
     eventually("the CephBlockPool released once the image is gone", || {
         let api = api.clone();
         let name = name.clone();

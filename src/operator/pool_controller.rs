@@ -384,17 +384,19 @@ async fn cleanup(pool: &CephBlockPool, ctx: &Context, ns: &str) -> Result<Action
         Ok(Some(_)) => {}
         Err(e) => return blocked(fail("list", e)).await,
     }
+    // The trash counts too: a deleted volume waits there (the driver's trash deferment) and can
+    // still be restored until it is purged; deleting the pool would take that chance away.
     let images = match conn.ioctx(&name) {
-        Ok(io) => blocking(move || io.list_images()).await,
+        Ok(io) => blocking(move || Ok((io.list_images()?.len(), io.trash_list()?.len()))).await,
         Err(e) => Err(e),
     };
     match images {
-        Ok(images) if !images.is_empty() => {
+        Ok((live, trashed)) if live + trashed > 0 => {
             let p = Problem {
                 reason: "PoolNotEmpty",
                 message: format!(
-                    "pool {name} holds {} RBD image(s); delete them (or their PVCs) first",
-                    images.len()
+                    "pool {name} holds {live} RBD image(s) and {trashed} in its trash; delete \
+                     them (or their PVCs) first, and let the trash be purged"
                 ),
             };
             publish(ctx, pool, EventType::Warning, p.reason, &p.message).await;
