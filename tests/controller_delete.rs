@@ -360,6 +360,30 @@ async fn a_deleted_volume_waits_in_the_trash_until_its_deferment_ends_then_goes(
     assert!(purged(&c, &[image]).await, "never purged");
 }
 
+/// The trash entry a delete leaves is one librbd takes for its own: `rbd trash restore` brings
+/// the image back under its name, whole, and a second delete trashes it again.
+#[tokio::test]
+async fn a_deleted_volume_can_be_restored_with_rbd_trash_restore() {
+    let Some(c) = cluster() else { return };
+    let d = Driver::start(&c, &["--controller", "--trash-deferment", "3600"]);
+    let mut cl = d.client().await;
+    let vol = create(&mut cl, &c, &unique("restore")).await;
+    let image = image_of(&vol);
+    let id = image_id(&c, &image);
+    delete(&mut cl, &c, &vol).await.unwrap();
+    assert!(!c.images().contains(&image), "gone from the pool at once");
+    assert!(trash_entries(&c).contains(&(id.clone(), image.clone())));
+    // Refused for an entry still "moving", and for one whose name librbd still lists.
+    c.rbd(&["trash", "restore", &format!("rbd/{id}")]);
+    assert!(c.images().contains(&image), "restored under its name");
+    assert_eq!(image_id(&c, &image), id, "the same image");
+    delete(&mut cl, &c, &vol).await.unwrap();
+    assert!(!c.images().contains(&image), "trashed again");
+    assert!(trash_entries(&c).contains(&(id.clone(), image.clone())));
+    c.rbd(&["trash", "rm", "--force", &format!("rbd/{id}")]);
+    c.rados(&["-p", "rbd", "rm", &format!("rook-rbd.trash.{id}")]);
+}
+
 /// A kill -9 loses no purge: the restarted driver finds the records and purges what is due,
 /// with no new delete to remind it.
 #[tokio::test]

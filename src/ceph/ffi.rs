@@ -22,6 +22,10 @@ pub const RBD_IMAGE_OPTION_CLONE_FORMAT: c_int = 12;
 
 pub const RBD_SNAP_NAMESPACE_TYPE_USER: c_int = 0;
 
+pub const RBD_FEATURE_JOURNALING: u64 = 1 << 6;
+pub const RBD_FEATURE_MIGRATING: u64 = 1 << 9;
+pub const RBD_FEATURE_NON_PRIMARY: u64 = 1 << 10;
+
 #[repr(C)]
 pub struct rbd_image_info_t {
     pub size: u64,
@@ -31,6 +35,12 @@ pub struct rbd_image_info_t {
     pub block_name_prefix: [c_char; 24],
     pub parent_pool: i64,
     pub parent_name: [c_char; 96],
+}
+
+#[repr(C)]
+pub struct rbd_group_info_t {
+    pub name: *mut c_char,
+    pub pool: i64,
 }
 
 #[repr(C)]
@@ -277,6 +287,15 @@ extern "C" {
         max: *mut size_t,
     ) -> c_int;
     pub fn rbd_watchers_list_cleanup(watchers: *mut rbd_image_watcher_t, num: size_t);
+    pub fn rbd_get_group(
+        image: rbd_image_t,
+        group_info: *mut rbd_group_info_t,
+        group_info_size: size_t,
+    ) -> c_int;
+    pub fn rbd_group_info_cleanup(
+        group_info: *mut rbd_group_info_t,
+        group_info_size: size_t,
+    ) -> c_int;
 }
 
 pub type rados_write_op_t = *mut libc::c_void;

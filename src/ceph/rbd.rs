@@ -242,6 +242,54 @@ impl IoCtx {
         Ok(())
     }
 
+    /// Moves image `name`, whose ID is `id`, to the trash (no deferment) with the object-class
+    /// calls of librbd's own move request, in its order: an entry "moving" in `rbd_trash`, the
+    /// name's `rbd_id` object and directory entry removed, the entry "normal". What
+    /// `rbd_trash_move` wraps around those calls (open, watch, exclusive lock, close: most of
+    /// its round trips) is for images this does not take: the caller has opened the image
+    /// read-only and checked that nobody watches it and that librbd's move would do nothing
+    /// more for it (`librbd_moves_specially`, `mirrored`). A move cut short leaves what an
+    /// interrupted `rbd_trash_move` leaves, which a later `rbd_trash_move` of the name finishes.
+    pub fn trash_move_unopened(&self, name: &str, id: &str) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let mut input = Vec::new();
+        encode_bytes(&mut input, id.as_bytes());
+        // The spec carries its own version and length, so no length of ours goes before it.
+        input.extend_from_slice(&trash_image_spec(name, now, TRASH_STATE_MOVING));
+        match self.exec(RBD_TRASH, "rbd", "trash_add", &input) {
+            // An earlier move of this image was cut short: carry on where it stopped.
+            Err(e) if e.is(libc::EEXIST) => {}
+            r => r?,
+        }
+        self.remove_object(&format!("rbd_id.{name}"))?;
+        let mut input = Vec::new();
+        encode_bytes(&mut input, name.as_bytes());
+        encode_bytes(&mut input, id.as_bytes());
+        match self.exec("rbd_directory", "rbd", "dir_remove_image", &input) {
+            Err(e) if e.not_found() => {}
+            r => r?,
+        }
+        let mut input = Vec::new();
+        encode_bytes(&mut input, id.as_bytes());
+        input.extend_from_slice(&[TRASH_STATE_NORMAL, TRASH_STATE_MOVING]);
+        self.exec(RBD_TRASH, "rbd", "trash_state_set", &input)
+    }
+
+    /// Whether the image has a mirroring entry, in any state (one round trip).
+    pub fn mirrored(&self, id: &str) -> Result<bool> {
+        let mut input = Vec::new();
+        encode_bytes(&mut input, id.as_bytes());
+        match self.exec("rbd_mirroring", "rbd", "mirror_image_get", &input) {
+            Err(e) if e.not_found() => Ok(false),
+            // It answered with an entry, which `exec` has no room for.
+            Err(e) if e.is(libc::ERANGE) => Ok(true),
+            Err(e) => Err(e),
+            Ok(()) => Ok(true),
+        }
+    }
+
     pub fn trash_remove(&self, id: &str) -> Result<()> {
         let n = cstr("rbd_trash_remove", id)?;
         check("rbd_trash_remove", &self.target(id), unsafe {
@@ -541,11 +589,56 @@ impl Image {
         }
     }
 
+    /// Whether librbd's `rbd_trash_move` does more for this image than move it: it refuses a
+    /// migrating image (and, after Pacific, one in a group) and disables journaling and
+    /// mirroring first. Such images keep librbd's move, whatever this librbd does with them.
+    /// Answered from the open image's memory.
+    pub fn librbd_moves_specially(&self) -> Result<bool> {
+        let special =
+            ffi::RBD_FEATURE_JOURNALING | ffi::RBD_FEATURE_MIGRATING | ffi::RBD_FEATURE_NON_PRIMARY;
+        if self.features()? & special != 0 {
+            return Ok(true);
+        }
+        let mut g = ffi::rbd_group_info_t {
+            name: ptr::null_mut(),
+            pool: -1,
+        };
+        let size = std::mem::size_of::<ffi::rbd_group_info_t>();
+        self.check_local("rbd_get_group", unsafe {
+            ffi::rbd_get_group(self.raw, &mut g, size)
+        })?;
+        let grouped = g.pool != -1;
+        unsafe { ffi::rbd_group_info_cleanup(&mut g, size) };
+        Ok(grouped)
+    }
+
     /// The RADOS object that holds the image's header (format 2): it lives exactly as long as
     /// the image, and clones and copies never inherit its attributes.
     pub fn header_object(&self) -> Result<String> {
         Ok(format!("rbd_header.{}", self.id()?))
     }
+}
+
+const RBD_TRASH: &str = "rbd_trash";
+/// `cls::rbd::TrashImageSource::USER` and `TrashImageState`, as cls_rbd encodes them (u8).
+const TRASH_SOURCE_USER: u8 = 0;
+const TRASH_STATE_NORMAL: u8 = 0;
+const TRASH_STATE_MOVING: u8 = 1;
+
+/// `cls::rbd::TrashImageSpec` (version 2, compatible with 1) of a user's trash entry whose
+/// deferment ends at once, as `rbd_trash_move` with no delay writes it.
+fn trash_image_spec(name: &str, now: std::time::Duration, state: u8) -> Vec<u8> {
+    let mut body = vec![TRASH_SOURCE_USER];
+    encode_bytes(&mut body, name.as_bytes());
+    // utime_t: u32 seconds, u32 nanoseconds; deletion time, then the deferment's end.
+    for _ in 0..2 {
+        body.extend_from_slice(&(now.as_secs() as u32).to_le_bytes());
+        body.extend_from_slice(&now.subsec_nanos().to_le_bytes());
+    }
+    body.push(state);
+    let mut out = vec![2, 1];
+    encode_bytes(&mut out, &body);
+    out
 }
 
 /// Ceph's encoding of a string or buffer: a little-endian u32 length, then the bytes.
@@ -572,5 +665,20 @@ mod tests {
         assert_eq!(decode_string(&b).as_deref(), Some("10ab3f9c2e"));
         assert_eq!(decode_string(&b[..8]), None);
         assert_eq!(decode_string(&[1, 0]), None);
+    }
+
+    #[test]
+    fn a_trash_image_spec_is_encoded_as_cls_rbd_decodes_it() {
+        let now = std::time::Duration::new(0x0102_0304, 5);
+        let b = trash_image_spec("ab", now, TRASH_STATE_MOVING);
+        // version 2, compat 1, then the body's length.
+        assert_eq!(b[..6], [2, 1, 24, 0, 0, 0]);
+        assert_eq!(b.len(), 6 + 24);
+        assert_eq!(b[6], TRASH_SOURCE_USER);
+        assert_eq!(decode_string(&b[7..]).as_deref(), Some("ab"));
+        let times = [4, 3, 2, 1, 5, 0, 0, 0];
+        assert_eq!(b[13..21], times);
+        assert_eq!(b[21..29], times);
+        assert_eq!(b[29], TRASH_STATE_MOVING);
     }
 }

@@ -123,11 +123,20 @@ pub(super) fn record_and_trash(
         return Ok(Err(Watched(id)));
     }
     let parent = img.parent()?.map(|p| (p.pool, p.image_id));
+    let special = img.librbd_moves_specially()?;
     drop(img);
+    // librbd's move opens the image again, watches it and takes its lock: most of a delete's
+    // round trips, and nothing this image needs once the checks above and `mirrored` pass.
+    let own_move = !special && !io.mirrored(&id)?;
     let record = Record::new(name, now(), deferment, parent);
     let json = serde_json::to_vec(&record).expect("a record serializes");
     io.write_full(&record_object(&id), &json)?;
-    match io.trash_move(name) {
+    let moved = if own_move {
+        io.trash_move_unopened(name, &id)
+    } else {
+        io.trash_move(name)
+    };
+    match moved {
         Ok(()) => Ok(Ok(Some(Trashed { id, record }))),
         Err(e) if e.is(libc::EBUSY) => {
             // Certainly not moved: the record would only stand on a live image.
