@@ -191,9 +191,17 @@ fn purge_one(io: &IoCtx, id: &str) -> Result<Purged, CephError> {
     let mut dropped_temp_snaps = false;
     loop {
         match io.trash_remove(id) {
-            // Gone, or restored by someone (`rbd trash restore`): either way, not ours to purge.
             Ok(()) => break,
-            Err(e) if e.not_found() => break,
+            // Gone, or restored by someone (`rbd trash restore`): either way, not ours to purge.
+            // librbd also says ENOENT when something the image points at is missing (a clone's
+            // parent): then the entry is still there, and dropping its record would leave it in
+            // the trash for good. Keep the record and try again later.
+            Err(e) if e.not_found() => {
+                if io.trash_list()?.iter().any(|t| t.id == id) {
+                    return Err(e);
+                }
+                break;
+            }
             Err(e) if e.is(libc::ENOTEMPTY) && !dropped_temp_snaps => {
                 // A temporary snapshot left by an interrupted clone would keep it forever.
                 dropped_temp_snaps = true;
