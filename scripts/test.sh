@@ -9,7 +9,8 @@ cd "$(dirname "$0")/.."
 export CEPH_DEV_DIR=${CEPH_DEV_DIR:-$PWD/.dev-cluster}
 step() { printf '\n==> %s\n' "$*"; }
 cleanup() {
-  local rc=$?
+  local rc=$?  # first: this is the status the run ends with
+  stop_tools
   step "stopping the dev cluster"
   bash scripts/ceph-dev.sh down "$CEPH_DEV_DIR" || rc=1
   if pgrep -af "ceph-(mon|mgr|osd) .*$CEPH_DEV_DIR" >/dev/null; then
@@ -47,7 +48,7 @@ step "unit tests"
 cargo test --locked --lib --bins
 
 step "dev cluster"
-trap 'stop_tools; cleanup' EXIT
+trap cleanup EXIT
 bash scripts/ceph-dev.sh up "$CEPH_DEV_DIR"
 
 # Every tests/*.rs is a test binary; operator_* run in their own step below.

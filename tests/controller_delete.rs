@@ -68,26 +68,6 @@ async fn delete_while_in_use(
     }
 }
 
-/// Names of the images in the pool's trash.
-fn trash_names(c: &Cluster) -> Vec<String> {
-    c.trash()
-        .iter()
-        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
-        .collect()
-}
-
-/// Polls until `done` holds, for at most `limit`; returns whether it did.
-async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    done()
-}
-
 /// Images trashed by hand (as a user or ceph-csi would) under names this driver also uses.
 struct Foreign<'a> {
     c: &'a Cluster,
@@ -271,65 +251,11 @@ fn trash_entries(c: &Cluster) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The driver's trash record objects of the pool, with the image name each names.
-fn records(c: &Cluster) -> Vec<(String, String)> {
-    c.rados(&["-p", "rbd", "ls"])
-        .lines()
-        .filter(|o| o.starts_with("rook-rbd.trash."))
-        .filter_map(|o| {
-            let out = std::process::Command::new("rados")
-                .arg("-c")
-                .arg(c.dir.join("ceph.conf"))
-                .args(["-p", "rbd", "get", o, "-"])
-                .output()
-                .ok()?;
-            // Purged between the listing and the read.
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-            Some((o.to_string(), v["name"].as_str()?.to_string()))
-        })
-        .collect()
-}
-
 fn image_id(c: &Cluster, image: &str) -> String {
     let info: serde_json::Value =
         serde_json::from_str(&c.rbd(&["info", "--format", "json", &format!("rbd/{image}")]))
             .unwrap();
     info["id"].as_str().unwrap().to_string()
-}
-
-/// Runs `check` once a second until shortly before `end`; a failure it reports fails the test
-/// only if it was seen before `end`, since a slow machine may look too late.
-async fn until_deferment_ends<F, Fut>(end: Instant, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<String>>,
-{
-    let mut checked = 0;
-    while Instant::now() + Duration::from_secs(3) < end {
-        let failure = check().await;
-        if Instant::now() < end {
-            if let Some(f) = failure {
-                panic!("{f}");
-            }
-            checked += 1;
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
-    assert!(
-        checked > 0,
-        "the machine was too slow to look before the deferment ended"
-    );
-}
-
-/// Gone from the pool, the trash and the records, within a minute.
-async fn purged(c: &Cluster, images: &[String]) -> bool {
-    eventually(Duration::from_secs(60), || {
-        let (live, trash, recs) = (c.images(), trash_names(c), records(c));
-        images
-            .iter()
-            .all(|i| !live.contains(i) && !trash.contains(i) && !recs.iter().any(|(_, n)| n == i))
-    })
-    .await
 }
 
 /// DeleteVolume returns once the image is in the trash; the image stays there, restorable, until
@@ -482,94 +408,6 @@ async fn a_name_is_free_again_as_soon_as_its_volume_is_deleted() {
     assert_eq!(listed(&mut cl).await, 1);
     delete(&mut cl, &c, &second).await.unwrap();
     assert!(purged(&c, &[image]).await, "left behind");
-}
-
-async fn capacity(cl: &mut CsiClient, c: &Cluster) -> i64 {
-    cl.controller
-        .get_capacity(proto::GetCapacityRequest {
-            parameters: c.params(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .available_capacity
-}
-
-/// Space is free only once it is: while a deleted volume waits in the trash its data still
-/// takes space and GetCapacity says so (Ceph counts it: no more, no less), and the space comes
-/// back only after the purge.
-#[tokio::test]
-async fn capacity_counts_a_deleted_volume_as_used_until_it_is_purged() {
-    let Some(c) = cluster() else { return };
-    let deferment = Duration::from_secs(20);
-    let d = Driver::start(&c, &["--controller", "--trash-deferment", "20"]);
-    let mut cl = d.client().await;
-    let before = capacity(&mut cl, &c).await;
-    let vol = cl
-        .controller
-        .create_volume(create_req(&c, &unique("cap"), 256 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
-    let image = image_of(&vol);
-    c.rbd(&[
-        "bench",
-        "--io-type",
-        "write",
-        "--io-size",
-        "4M",
-        "--io-total",
-        "192M",
-        "--io-pattern",
-        "seq",
-        &format!("rbd/{image}"),
-    ]);
-    // Ceph's statistics lag the writes by a few seconds.
-    let mut live = before;
-    let mut cl2 = cl.clone();
-    let stats = Instant::now();
-    while stats.elapsed() < Duration::from_secs(60) && before - live < 100 * MIB {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        live = capacity(&mut cl2, &c).await;
-    }
-    assert!(
-        before - live >= 100 * MIB,
-        "192 MiB written, capacity {before} -> {live}"
-    );
-    // Settle: the figure must be steady before it is compared.
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    live = capacity(&mut cl, &c).await;
-    let t0 = Instant::now();
-    delete(&mut cl, &c, &vol).await.unwrap();
-    until_deferment_ends(t0 + deferment, || {
-        let mut cl = cl.clone();
-        let c = &c;
-        async move {
-            let now = capacity(&mut cl, c).await;
-            ((now - live).abs() >= 48 * MIB).then(|| {
-                format!(
-                    "{:?} into the deferment: capacity {live} -> {now}",
-                    t0.elapsed()
-                )
-            })
-        }
-    })
-    .await;
-    let mut after = live;
-    let freed = Instant::now();
-    while freed.elapsed() < Duration::from_secs(90) && after - live < 100 * MIB {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        after = capacity(&mut cl, &c).await;
-    }
-    assert!(
-        after - live >= 100 * MIB,
-        "space never came back: {live} -> {after}"
-    );
-    assert!(purged(&c, &[image]).await);
 }
 
 /// Writes a record object by hand, as the driver would.

@@ -471,3 +471,77 @@ impl std::ops::Deref for PrivateCluster {
         &self.cluster
     }
 }
+
+/// Names of the images in the pool's trash.
+pub fn trash_names(c: &Cluster) -> Vec<String> {
+    c.trash()
+        .iter()
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Polls until `done` holds, for at most `limit`; returns whether it did.
+pub async fn eventually(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    done()
+}
+
+/// The driver's trash record objects of the pool, with the image name each names.
+pub fn records(c: &Cluster) -> Vec<(String, String)> {
+    c.rados(&["-p", "rbd", "ls"])
+        .lines()
+        .filter(|o| o.starts_with("rook-rbd.trash."))
+        .filter_map(|o| {
+            let out = std::process::Command::new("rados")
+                .arg("-c")
+                .arg(c.dir.join("ceph.conf"))
+                .args(["-p", "rbd", "get", o, "-"])
+                .output()
+                .ok()?;
+            // Purged between the listing and the read.
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            Some((o.to_string(), v["name"].as_str()?.to_string()))
+        })
+        .collect()
+}
+
+/// Runs `check` once a second until shortly before `end`; a failure it reports fails the test
+/// only if it was seen before `end`, since a slow machine may look too late.
+pub async fn until_deferment_ends<F, Fut>(end: std::time::Instant, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    let mut checked = 0;
+    while std::time::Instant::now() + Duration::from_secs(3) < end {
+        let failure = check().await;
+        if std::time::Instant::now() < end {
+            if let Some(f) = failure {
+                panic!("{f}");
+            }
+            checked += 1;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(
+        checked > 0,
+        "the machine was too slow to look before the deferment ended"
+    );
+}
+
+/// Gone from the pool, the trash and the records, within a minute.
+pub async fn purged(c: &Cluster, images: &[String]) -> bool {
+    eventually(Duration::from_secs(60), || {
+        let (live, trash, recs) = (c.images(), trash_names(c), records(c));
+        images
+            .iter()
+            .all(|i| !live.contains(i) && !trash.contains(i) && !recs.iter().any(|(_, n)| n == i))
+    })
+    .await
+}
