@@ -49,6 +49,9 @@ const IDLE: Duration = Duration::from_secs(3600);
 const PURGE_PARALLELISM: usize = 8;
 /// The longest wait before a failed purge is tried again.
 const MAX_BACKOFF_SECS: u64 = 300;
+/// The longest wait before a purge that found its image open is tried again: one open attempt
+/// every few seconds is cheap, and a dead client's watch is gone 30 s after it died.
+const BUSY_RETRY_SECS: u64 = 4;
 
 /// What the record object of a trashed image holds (JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,8 +183,12 @@ fn finish_interrupted_move(
 enum Purged {
     /// The image and its record are gone (or the image was restored, and the record is gone).
     Done,
-    /// Not yet: dependents or a client keep it.
+    /// Not yet: dependents keep it (their purge pokes it again).
     Waiting(&'static str),
+    /// Not yet: a client has it open. Nothing pokes it when that client goes, and a client that
+    /// died (a driver killed while it purged) holds its watch until the OSD drops it, 30 s
+    /// later: it is tried again soon, never after a long backoff.
+    Busy,
 }
 
 /// Blocking: removes a recorded trash entry, then its record. It never opens the image on the
@@ -212,7 +219,7 @@ fn purge_one(io: &IoCtx, id: &str) -> Result<Purged, CephError> {
             Err(e) if e.is(libc::ENOTEMPTY) || e.is(libc::EMLINK) => {
                 return Ok(Purged::Waiting("clones or snapshots still depend on it"))
             }
-            Err(e) if e.is(libc::EBUSY) => return Ok(Purged::Waiting("a client has it open")),
+            Err(e) if e.is(libc::EBUSY) => return Ok(Purged::Busy),
             Err(e) => return Err(e),
         }
     }
@@ -324,6 +331,16 @@ impl State {
             now + backoff(e.failures)
         };
         e.failures
+    }
+
+    /// The attempt on `id` found the image open by a client: as `failed`, but tried again within
+    /// `BUSY_RETRY_SECS`.
+    fn failed_busy(&mut self, id: &str, now: u64) -> u32 {
+        let n = self.failed(id, now);
+        if let Some(e) = self.entries.get_mut(id) {
+            e.retry_at = e.retry_at.min(now + BUSY_RETRY_SECS);
+        }
+        n
     }
 
     /// Something may have freed a dependent: try every waiting entry again.
@@ -648,6 +665,11 @@ impl Purger {
                         }
                     }
                 }
+                Ok(Purged::Busy) => {
+                    if st.failed_busy(&id, now) == 1 {
+                        tracing::info!(pool = %self.location, image.id = %id, "trashed image not purged yet: a client has it open");
+                    }
+                }
                 Ok(Purged::Waiting(why)) => {
                     if st.failed(&id, now) == 1 {
                         tracing::info!(pool = %self.location, image.id = %id, "trashed image not purged yet: {why}");
@@ -789,5 +811,28 @@ mod tests {
         assert_eq!(backoff(1), 1);
         assert_eq!(backoff(3), 4);
         assert_eq!(backoff(40), MAX_BACKOFF_SECS);
+    }
+
+    #[test]
+    fn a_purge_that_found_its_image_open_is_tried_again_within_seconds_however_often_it_failed() {
+        let none = HashSet::new();
+        let mut st = state(&[("a", 0)]);
+        for _ in 0..10 {
+            st.attempt("a");
+            st.failed("a", 100);
+        }
+        assert_eq!(
+            st.next_due(100 + MAX_BACKOFF_SECS - 1, &none),
+            None,
+            "long backoff for dependents"
+        );
+        st.attempt("a");
+        st.failed_busy("a", 100);
+        assert_eq!(st.next_due(100 + BUSY_RETRY_SECS - 1, &none), None);
+        assert_eq!(
+            st.next_due(100 + BUSY_RETRY_SECS, &none).as_deref(),
+            Some("a"),
+            "a dead client's watch goes in 30 s: look again soon"
+        );
     }
 }
